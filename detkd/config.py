@@ -1,0 +1,250 @@
+"""Typed configuration: YAML recipes -> dataclasses, with strict key and type checks.
+
+One recipe file is one complete experiment (no inheritance, no interpolation). ``--set a.b=c`` overrides are
+parsed as YAML scalars and checked against the field's type. Unknown keys and wrong types are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class SynthConfig:
+    num_train: int = 400
+    num_val: int = 100
+    image_size: int = 160
+    max_objects: int = 6
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    format: str = "synthetic"  # coco | voc | yolo | synthetic
+    root: str = ".cache/detkd/synthetic"
+    train_split: str = "train"
+    val_split: str = "val"
+    ann_file: str | None = None  # COCO: json pattern, "{split}" is replaced; default root/annotations_{split}.json
+    image_root: str | None = None  # COCO: image folder; default root/images
+    skip_bad_images: bool = False
+    batch_size: int = 4
+    num_workers: int = 0
+    hflip: float = 0.5
+    scale_jitter: list[float] | None = None  # e.g. [0.8, 1.2]: random rescale of the image before the model transform
+    synthetic: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ModelConfig:
+    family: str = "retinanet"  # retinanet | fcos | faster_rcnn | gfl
+    backbone: str = "resnet18"
+    num_classes: int | None = None  # None: taken from the dataset
+    fpn_channels: int = 256
+    head_convs: int = 4
+    min_size: int = 800
+    max_size: int = 1333
+    backbone_norm: str = "bn"  # bn | frozen_bn | gn
+    weights: str | None = None  # local checkpoint path or torchvision weights name (already in the torch cache)
+    backbone_weights: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # family-specific extras passed to the builder
+
+
+@dataclass
+class LossConfig:
+    method: str = ""
+    levels: list[str] | None = None  # None: every level the method supports
+    weight: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+    start_step: int = 0
+    stop_step: int | None = None
+
+
+@dataclass
+class DistillConfig:
+    losses: list[LossConfig] = field(default_factory=list)
+    teacher_bf16: bool = False
+    inherit: bool = False  # FGD "inheriting": copy teacher neck+head into the student where shapes match
+    check_first_step: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    max_steps: int | None = None
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    warmup_factor: float = 0.001
+    schedule: str = "cosine"  # cosine | step | constant
+    milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # fractions of the total steps
+    gamma: float = 0.1
+    grad_clip: float | None = None
+    accumulate: int = 1
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: int = 0  # epochs; 0: only at the end
+    max_nonfinite: int = 5  # abort after this many non-finite steps in a row
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    score_thresh: float = 0.05
+    max_detections: int = 100
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig | None = None
+    distill: DistillConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (allowed: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(cfg: Config, assignment: str) -> Config:
+    """Apply one ``a.b=c`` override; the value is parsed as YAML and type-checked."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    data = to_dict(cfg)
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])}")
+        if node[part] is None:
+            node[part] = {}
+        node = node[part]
+    if not isinstance(node, dict) or (parts[-1] not in node and parts[-1] != "params"):
+        if not (isinstance(node, dict) and _is_free_mapping(key)):
+            raise ConfigError(f"unknown key {key}")
+    node[parts[-1]] = value
+    return from_dict(Config, data)
+
+
+def _is_free_mapping(key: str) -> bool:
+    return ".options." in f".{key}" or ".params." in f".{key}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    try:
+        cfg = from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    for ov in overrides or []:
+        cfg = apply_override(cfg, ov)
+    return cfg
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,40 @@
+"""The thin module every distillation loss derives from.
+
+A method is one file in ``detkd/losses/``: pure tensor functions (the math, documented with shapes and the paper)
+plus one ``DistillLoss`` subclass that binds hyper-parameters, owns learnable parts (FGD's GcBlocks, align convs),
+takes regions/masks from ``detkd.regions`` and returns a dict of *unweighted* terms. The Distiller applies the
+configured weight and schedule.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from detkd.structures import DetOutputs, FeatureSpec
+
+
+class DistillLoss(nn.Module):
+    #: registry name used in configs (``method: cwd``)
+    name: ClassVar[str] = ""
+    #: how far the teacher must run: "features" (transform+backbone+FPN), "head" (+ raw head outputs and anchors),
+    #: "roi" (Faster R-CNN: + teacher RoI head on the student's sampled proposals). None: no teacher (LGD).
+    teacher_stage: ClassVar[str | None] = "features"
+    #: True when teacher and student must be the same family with the same classes, strides and anchors.
+    needs_same_head: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        levels: list[str],
+        student_specs: dict[str, FeatureSpec],
+        teacher_specs: dict[str, FeatureSpec] | None,
+    ):
+        super().__init__()
+        self.levels = list(levels)
+        self.student_specs = dict(student_specs)
+        self.teacher_specs = dict(teacher_specs) if teacher_specs is not None else None
+
+    def forward(self, student: DetOutputs, teacher: DetOutputs | None) -> dict[str, Tensor]:
+        """Return ``{term_name: scalar}`` (e.g. ``{"p3": ..., "p4": ...}`` or ``{"ld/p3": ...}``), unweighted."""
+        raise NotImplementedError
