@@ -76,6 +76,8 @@ class DistillConfig:
     teacher_bf16: bool = False
     inherit: bool = False  # FGD "inheriting": copy teacher neck+head into the student where shapes match
     check_first_step: bool = True
+    task_weights: dict[str, float] = field(default_factory=dict)  # e.g. Chen's mu on {"loss_classifier": 0.5}
+    allow_resize: bool = False  # feature methods: resize student maps to the teacher's when strides differ
 
 
 @dataclass
@@ -139,6 +141,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own error names the nested key
+            return _convert(value, real[0], key)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -200,29 +205,43 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def apply_override(cfg: Config, assignment: str) -> Config:
-    """Apply one ``a.b=c`` override; the value is parsed as YAML and type-checked."""
+    """Apply one ``a.b=c`` override; the value is parsed as YAML and type-checked.
+
+    An optional section that is unset (``teacher``, ``distill``) is created with its defaults first, so that
+    ``--set teacher.backbone=resnet50`` works on a recipe without a teacher. Keys under ``options`` and ``params``
+    are free-form.
+    """
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} is not of the form key=value")
     key, raw = assignment.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else None
     data = to_dict(cfg)
-    node = data
+    node, tp = data, Config
     parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])}")
-        if node[part] is None:
-            node[part] = {}
-        node = node[part]
-    if not isinstance(node, dict) or (parts[-1] not in node and parts[-1] != "params"):
-        if not (isinstance(node, dict) and _is_free_mapping(key)):
-            raise ConfigError(f"unknown key {key}")
-    node[parts[-1]] = value
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        free = tp is dict
+        if not free and part not in {f.name for f in dataclasses.fields(tp)}:
+            raise ConfigError(f"unknown key {path}")
+        if i == len(parts) - 1:
+            node[part] = value
+            break
+        sub_tp = dict if free else _dataclass_of(typing.get_type_hints(tp)[part])
+        if sub_tp is None:
+            raise ConfigError(f"unknown key {'.'.join(parts[: i + 2])} ({path} is not a section)")
+        if node.get(part) is None:
+            node[part] = {} if sub_tp is dict else to_dict(sub_tp())
+        node, tp = node[part], sub_tp
     return from_dict(Config, data)
 
 
-def _is_free_mapping(key: str) -> bool:
-    return ".options." in f".{key}" or ".params." in f".{key}"
+def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass (or dict) inside an annotation such as ``ModelConfig | None``."""
+    candidates = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    for arg in candidates:
+        if dataclasses.is_dataclass(arg) or typing.get_origin(arg) is dict:
+            return arg if dataclasses.is_dataclass(arg) else dict
+    return None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

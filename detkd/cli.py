@@ -1,0 +1,143 @@
+"""Command line: ``detkd train|eval|demo|inspect|data stats|data synth``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from detkd.config import ConfigError, SynthConfig, load_config
+
+console = Console()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from detkd.runner import train_from_config
+
+    cfg = load_config(args.config, args.set)
+    result = train_from_config(cfg, resume=args.resume)
+    _print_metrics(f"{cfg.name}: {result.steps} steps in {result.wall_time:.0f}s", result.metrics)
+    console.print(f"run folder: {result.run_dir}  (student weights: {result.run_dir / 'last.pt'})")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from detkd.runner import eval_from_config
+
+    cfg = load_config(args.config, args.set)
+    metrics = eval_from_config(cfg, args.checkpoint, split=args.split)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        _print_metrics(f"{cfg.name}: {args.checkpoint}", metrics)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from detkd.demo import run_demo
+
+    run_demo(quick=args.quick, method=args.method, out_dir=Path(args.out), console=console)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from detkd.inspect import inspect_config
+
+    cfg = load_config(args.config, args.set)
+    inspect_config(cfg, console=console)
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from detkd.data.stats import dataset_stats, format_stats_table, open_dataset
+
+    dataset = open_dataset(args.path, format=args.format, split=args.split, image_root=args.image_root)
+    stats = dataset_stats(dataset)
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        console.print(format_stats_table(stats))
+    return 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from detkd.data.synthetic import generate
+
+    cfg = SynthConfig(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed)
+    generate(Path(args.out), cfg)
+    console.print(f"synthetic COCO dataset written to {args.out} ({cfg.num_train} train / {cfg.num_val} val images)")
+    return 0
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100") if k in metrics]
+    for k in keys:
+        table.add_column(k, justify="right")
+    table.add_row(*(f"{100 * metrics[k]:.1f}" for k in keys))
+    console.print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="detkd", description="Knowledge distillation for object detectors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a student (plain or distilled) from a recipe")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    t.add_argument("--resume", action="store_true", help="resume from the run folder's state.pt")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a student checkpoint (COCO metrics)")
+    e.add_argument("config")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--split", default=None)
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_eval)
+
+    d = sub.add_parser("demo", help="the embedded default: synthetic data, teacher, student, distillation, table")
+    d.add_argument("--quick", action="store_true", help="a ≤ 3-minute smoke run")
+    d.add_argument("--method", default="fgd", help="method of the distilled row: fgd, cwd, hint, ld, lgd")
+    d.add_argument("--out", default=".cache/detkd/demo")
+    d.set_defaults(func=_cmd_demo)
+
+    i = sub.add_parser("inspect", help="show the feature levels, shapes and strides each loss will consume")
+    i.add_argument("config")
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    i.set_defaults(func=_cmd_inspect)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    s = data.add_parser("stats", help="images, boxes, classes and sizes of a dataset")
+    s.add_argument("path")
+    s.add_argument("--format", choices=["coco", "voc", "yolo"], default=None)
+    s.add_argument("--split", default="train")
+    s.add_argument("--image-root", default=None, help="COCO: image folder when it is not beside the json")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_data_stats)
+    g = data.add_parser("synth", help="write the synthetic dataset (COCO format)")
+    g.add_argument("out")
+    g.add_argument("--num-train", type=int, default=SynthConfig.num_train)
+    g.add_argument("--num-val", type=int, default=SynthConfig.num_val)
+    g.add_argument("--image-size", type=int, default=SynthConfig.image_size)
+    g.add_argument("--seed", type=int, default=SynthConfig.seed)
+    g.set_defaults(func=_cmd_data_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        console.print(f"[bold red]error:[/] {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

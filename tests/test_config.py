@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detkd.config import Config, ConfigError, apply_override, dump_config, load_config
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_load_nested_and_defaults(tmp_path):
+    cfg = load_config(_write(tmp_path, {
+        "name": "x",
+        "model": {"family": "fcos", "backbone": "resnet18", "fpn_channels": 32},
+        "teacher": {"family": "fcos", "backbone": "resnet50", "weights": "t.pt"},
+        "distill": {"losses": [{"method": "cwd", "weight": 10, "params": {"tau": 1.0}, "levels": ["p3", "p4"]}]},
+        "train": {"lr": 0.02, "milestones": [0.5]},
+    }))
+    assert cfg.model.family == "fcos" and cfg.model.fpn_channels == 32
+    assert cfg.teacher.backbone == "resnet50" and cfg.teacher.fpn_channels == 256
+    assert cfg.distill.losses[0].weight == 10.0 and isinstance(cfg.distill.losses[0].weight, float)
+    assert cfg.distill.losses[0].levels == ["p3", "p4"]
+    assert cfg.train.lr == 0.02 and cfg.train.epochs == 12
+    assert cfg.run_dir == Path("runs/x")
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key train\.lrr"):
+        load_config(_write(tmp_path, {"train": {"lrr": 0.1}}))
+    with pytest.raises(ConfigError, match=r"unknown key distill\.losses\[0\]\.wieght"):
+        load_config(_write(tmp_path, {"distill": {"losses": [{"method": "fgd", "wieght": 1}]}}))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer"):
+        load_config(_write(tmp_path, {"train": {"epochs": "twelve"}}))
+    with pytest.raises(ConfigError, match=r"data\.hflip: expected a number"):
+        load_config(_write(tmp_path, {"data": {"hflip": True}}))
+    with pytest.raises(ConfigError, match=r"model\.weights"):
+        load_config(_write(tmp_path, {"model": {"weights": 3}}))
+
+
+def test_overrides_are_typed():
+    cfg = apply_override(Config(), "train.epochs=3")
+    assert cfg.train.epochs == 3
+    cfg = apply_override(cfg, "model.options.representation_size=64")
+    assert cfg.model.options == {"representation_size": 64}
+    cfg = apply_override(cfg, "teacher.backbone=resnet50")
+    assert cfg.teacher.backbone == "resnet50" and cfg.teacher.family == "retinanet"
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        apply_override(cfg, "train.epochs=abc")
+    with pytest.raises(ConfigError, match="unknown key train.nope"):
+        apply_override(cfg, "train.nope=1")
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override(cfg, "train.epochs")
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = apply_override(Config(), "train.epochs=5")
+    dump_config(cfg, tmp_path / "r.yaml")
+    assert load_config(tmp_path / "r.yaml") == cfg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
