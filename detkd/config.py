@@ -38,6 +38,7 @@ class DataConfig:
     ann_file: str | None = None  # COCO: json pattern, "{split}" is replaced; default root/annotations_{split}.json
     image_root: str | None = None  # COCO: image folder; default root/images
     skip_bad_images: bool = False
+    class_names: list[str] | None = None  # VOC: class order (labels 1..K); default: sorted names over all xml files
     batch_size: int = 4
     num_workers: int = 0
     hflip: float = 0.5
