@@ -1,0 +1,167 @@
+"""YOLO txt reader: ``data.yaml`` (``names``, split paths) + ``images/`` and ``labels/`` folders.
+
+A label file ``labels/<stem>.txt`` holds one object per line, ``class cx cy w h`` normalised to [0, 1] (class is
+0-based; label = class + 1). Polygon lines (``class x1 y1 x2 y2 ...``, the segmentation export) are read as their
+bounding box. A missing or empty label file is an image without boxes. Image sizes are read from the file headers at
+construction (no decode). File names may contain spaces (paths are never split on whitespace).
+
+Split folders: the ``data.yaml`` key for the split (``val`` also tries ``valid``), resolved against the yaml's
+``path`` key or the dataset root; Roboflow exports write ``../train/images`` relative to a parent folder, so a path
+that does not exist is retried with its leading ``../`` removed. Without a key, ``<root>/<split>/images`` is used
+(``valid`` for ``val``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from detkd.data.common import (
+    DatasetError,
+    DetectionDataset,
+    ImageRecord,
+    LoadReport,
+    Transform,
+    clean_boxes,
+    read_image_size,
+)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+_SPLIT_ALIASES = {"val": ("val", "valid"), "valid": ("valid", "val")}
+
+
+def read_data_yaml(root: Path) -> dict[str, Any]:
+    """Parse ``root/data.yaml`` (or ``data.yml``) with errors naming the file."""
+    for name in ("data.yaml", "data.yml"):
+        path = root / name
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise DatasetError(f"{path}: not valid YAML: {e}") from e
+            if not isinstance(data, dict) or "names" not in data:
+                raise DatasetError(f"{path}: expected a mapping with 'names'")
+            return data
+    raise DatasetError(f"no data.yaml in YOLO folder {root}")
+
+
+def yolo_class_names(data: dict[str, Any], path: Path) -> list[str]:
+    names = data["names"]
+    if isinstance(names, dict):  # ultralytics style {0: name, 1: name}
+        names = [names[k] for k in sorted(names)]
+    if not isinstance(names, list) or not names:
+        raise DatasetError(f"{path}: 'names' must be a non-empty list or mapping")
+    if "nc" in data and data["nc"] != len(names):
+        raise DatasetError(f"{path}: nc={data['nc']} but {len(names)} names")
+    return [str(n) for n in names]
+
+
+def resolve_split_dir(root: Path, data: dict[str, Any], split: str) -> Path:
+    """The image folder of ``split``; see the module docstring for the search order."""
+    base = root / data["path"] if isinstance(data.get("path"), str) else root
+    for key in _SPLIT_ALIASES.get(split, (split,)):
+        value = data.get(key)
+        if isinstance(value, str):
+            rel = Path(value)
+            stripped = Path(*[p for p in rel.parts if p != ".."]) if rel.parts else rel
+            for candidate in (base / rel, root / rel, root / stripped):
+                if candidate.is_dir():
+                    return candidate
+            raise DatasetError(f"{root / 'data.yaml'}: {key}: {value!r} is not a folder (tried {base / rel})")
+    for key in _SPLIT_ALIASES.get(split, (split,)):
+        if (root / key / "images").is_dir():
+            return root / key / "images"
+    raise DatasetError(f"YOLO folder {root}: no split {split!r} in data.yaml and no {root / split / 'images'}")
+
+
+def _labels_dir(images_dir: Path) -> Path:
+    # YOLO convention: the last "images" component of the path becomes "labels".
+    parts = list(images_dir.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            return Path(*parts)
+    return images_dir
+
+
+def parse_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Normalised (M, 4) cxcywh -> (M, 4) xyxy in [0, 1] units, (M,) labels 1..K, and ``file:line`` tags."""
+    boxes, labels, where = [], [], []
+    if not path.is_file():
+        return np.zeros((0, 4)), np.zeros((0,), dtype=np.int64), []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        tag = f"{path.name} line {lineno}"
+        try:
+            values = [float(t) for t in tokens]
+        except ValueError as e:
+            raise DatasetError(f"{tag}: not numbers: {line.strip()!r}") from e
+        if len(values) != 5 and (len(values) < 7 or len(values) % 2 == 0):
+            raise DatasetError(f"{tag}: expected 'class cx cy w h' (or a polygon), got {len(values)} values")
+        cls = values[0]
+        if not (math.isfinite(cls) and cls == int(cls) and 0 <= cls < num_classes):
+            raise DatasetError(f"{tag}: class index {tokens[0]} out of range 0..{num_classes - 1}")
+        if len(values) == 5:
+            cx, cy, w, h = values[1:]
+            boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+        else:
+            xs, ys = values[1::2], values[2::2]
+            boxes.append([min(xs), min(ys), max(xs), max(ys)])
+        labels.append(int(cls) + 1)
+        where.append(tag)
+    return np.array(boxes, dtype=np.float64).reshape(-1, 4), np.array(labels, dtype=np.int64), where
+
+
+class YoloDetection(DetectionDataset):
+    """YOLO-layout detection dataset; see the module docstring for the conventions."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        *,
+        skip_bad_images: bool = False,
+        transforms: Transform | None = None,
+        degenerate_side: float = 1.0,
+    ):
+        self.root = Path(root)
+        self.split = split
+        data = read_data_yaml(self.root)
+        names = yolo_class_names(data, self.root / "data.yaml")
+        self.images_dir = resolve_split_dir(self.root, data, split)
+        self.labels_dir = _labels_dir(self.images_dir)
+        files = sorted(p for p in self.images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DatasetError(f"{self.images_dir}: no images")
+        report = LoadReport()
+        records = []
+        for file in files:
+            size = self._header_size(file, report, skip_bad_images)
+            if size is not None:
+                records.append(self._record(file, size, len(records) + 1, len(names), report, degenerate_side))
+        super().__init__(records, names, report, transforms=transforms, skip_bad_images=skip_bad_images)
+
+    @staticmethod
+    def _header_size(file: Path, report: LoadReport, skip: bool) -> tuple[int, int] | None:
+        try:
+            return read_image_size(file)
+        except (OSError, ValueError, SyntaxError) as e:
+            if not skip:
+                raise DatasetError(f"{file}: unreadable image: {e} (pass skip_bad_images=True to skip it)") from e
+            report.skipped_images.append(f"{file.name} (unreadable: {e})")
+            return None
+
+    def _record(
+        self, file: Path, size: tuple[int, int], image_id: int, num_classes: int, report: LoadReport, side: float
+    ) -> ImageRecord:
+        width, height = size
+        boxes, labels, where = parse_label_file(self.labels_dir / f"{file.stem}.txt", num_classes)
+        boxes = boxes * np.array([width, height, width, height], dtype=np.float64)
+        kept_boxes, kept_labels = clean_boxes(boxes, labels, width, height, report, where, side)
+        return ImageRecord(file, width, height, image_id, kept_boxes, kept_labels)
