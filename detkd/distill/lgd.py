@@ -1,0 +1,109 @@
+"""LGD's label-guided teacher (Zhang et al., AAAI'22, arXiv 2109.11496; docs/methods.md §5.1).
+
+There is no pretrained teacher: an "instructive" FPN pyramid is built from the labels and the *current* student
+features, and learns only through the student's own detection head (the LGDLoss ``tea/*`` terms):
+
+    label descriptors -> LabelEncoder (PointNet) -> label_proj       = label embeddings      (T, C)
+    student level l -> appearance_proj -> mask_pool over inside-masks = appearance embeddings (T, C) per level
+    MultiheadAttention(query = appearance, key = value = label embeddings, cross-image pairs blocked)
+    -> KnowledgeMapper -> instructive level l (B, C, H_l, W_l)
+
+As in the reference, one set of modules is shared by all levels (one projection, one attention, one mapper).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from detkd.distill.lgd_modules import (
+    KnowledgeMapper,
+    LabelEncoder,
+    cross_image_mask,
+    encode_descriptors,
+    label_boxes,
+    mask_pool,
+)
+from detkd.regions.inside import inside_masks
+
+
+class LGDTeacher(nn.Module):
+    """Label encoder + inter-object relation adapter + intra-object knowledge mapper.
+
+    Args:
+        channels: FPN width C (every level must have it).
+        num_classes: K real classes (labels 1..K).
+        add_context: append the whole-image context box per image (official ADD_CONTEXT_BOX).
+        detach_appearance: pool appearance from detached student features (official DETACH_APPEARANCE_EMBED).
+        num_heads: attention heads; must divide ``channels``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        *,
+        add_context: bool = True,
+        detach_appearance: bool = False,
+        num_heads: int = 8,
+    ):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"LGDTeacher: num_heads={num_heads} must divide the FPN channels ({channels})")
+        self.channels = channels
+        self.num_classes = num_classes
+        self.add_context = add_context
+        self.detach_appearance = detach_appearance
+        self.label_encoder = LabelEncoder(4 + num_classes, out=channels)
+        # canoni_proj_1D / student_proj_2D in the reference
+        self.label_proj = nn.Sequential(
+            nn.Linear(channels, channels), nn.LayerNorm(channels, elementwise_affine=False), nn.ReLU()
+        )
+        self.appearance_proj = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(1, channels, affine=False), nn.ReLU()
+        )
+        self.attention = nn.MultiheadAttention(channels, num_heads)
+        self.mapper = KnowledgeMapper(channels, add_context=add_context)
+
+    def forward(
+        self, features: dict[str, Tensor], targets: list[dict[str, Tensor]], batch_shape: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        """Student pyramid {level: (B, C, H_l, W_l)} + targets in input coordinates -> instructive pyramid.
+
+        The output has exactly the keys and shapes of ``features``. ``batch_shape`` is the padded batch (h, w).
+        """
+        num_images = len(targets)
+        for name, f in features.items():
+            if f.dim() != 4 or f.shape[0] != num_images or f.shape[1] != self.channels:
+                raise ValueError(
+                    f"LGDTeacher: level {name!r} has shape {tuple(f.shape)}, expected ({num_images}, {self.channels},"
+                    " H, W) (batch size from targets, channels from the config)"
+                )
+        boxes, labels, image_index, is_context = label_boxes(
+            targets, batch_shape, self.num_classes, add_context=self.add_context
+        )
+        desc = encode_descriptors(boxes, labels, batch_shape, self.num_classes)
+        labels_emb = self.label_proj(self.label_encoder(desc, image_index, num_images))
+        blocked = cross_image_mask(image_index)
+        bias_row = self._bias_rows(targets, image_index, is_context)
+        out = {}
+        for name, feat in features.items():
+            if self.detach_appearance:
+                feat = feat.detach()
+            masks = inside_masks(boxes, batch_shape, (feat.shape[-2], feat.shape[-1]))
+            appearance = mask_pool(self.appearance_proj(feat), masks, image_index)
+            # unbatched MHA: (T, C) query over (T, C) keys; every row sees at least itself, so no row is all-blocked
+            related, _ = self.attention(appearance, labels_emb, labels_emb, attn_mask=blocked, need_weights=False)
+            out[name] = self.mapper(related, masks, image_index, bias_row, num_images)
+        return out
+
+    def _bias_rows(self, targets: list[dict[str, Tensor]], image_index: Tensor, is_context: Tensor) -> Tensor:
+        """Rows whose mapper output is a per-image bias instead of being painted.
+
+        With a context box that is the last row of every image. The reference takes "the last row" literally, so for
+        an image without boxes its dummy row plays that role (nothing is painted, the dummy gives the bias); we keep
+        that, which also gives every image exactly one bias row.
+        """
+        if not self.add_context:
+            return is_context
+        empty = image_index.new_tensor([len(t["boxes"]) == 0 for t in targets], dtype=bool)
+        return is_context | empty[image_index]
