@@ -48,7 +48,7 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> DetectionDatas
     common = {"skip_bad_images": cfg.skip_bad_images, "transforms": transforms}
     root = Path(cfg.root)
     if cfg.format == "voc":
-        return VocDetection(root, split, class_names=getattr(cfg, "class_names", None), **common)
+        return VocDetection(root, split, class_names=cfg.class_names, **common)
     if cfg.format == "yolo":
         return YoloDetection(root, split, **common)
     if cfg.format == "synthetic":
@@ -57,7 +57,7 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> DetectionDatas
         raise DatasetError(f"data.format: unknown format {cfg.format!r} (coco, voc, yolo or synthetic)")
     ann_file = Path(cfg.ann_file.format(split=split)) if cfg.ann_file else root / f"annotations_{split}.json"
     if cfg.image_root:
-        image_root = Path(cfg.image_root)
+        image_root = Path(cfg.image_root.format(split=split))  # "{split}" as in ann_file (COCO: train2017/val2017)
     elif (root / "images").is_dir():
         image_root = root / "images"
     else:

@@ -23,6 +23,9 @@ class DistillLoss(nn.Module):
     teacher_stage: ClassVar[str | None] = "features"
     #: True when teacher and student must be the same family with the same classes, strides and anchors.
     needs_same_head: ClassVar[bool] = False
+    #: terms whose name starts with one of these are added to the total without the configured weight
+    #: (LGD's "tea/*" detection losses of the label-guided branch are plain task losses in the reference)
+    unweighted_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

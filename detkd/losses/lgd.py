@@ -86,6 +86,7 @@ class LGDLoss(DistillLoss):
     """
 
     name = "lgd"
+    unweighted_prefixes = ("tea/",)
     teacher_stage = None
 
     def __init__(

@@ -1,0 +1,84 @@
+"""Python entry points: ``detkd.distill(teacher, student, data=..., methods=[...])`` and ``detkd.train_student``."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from torch import nn
+
+from detkd.config import Config, DataConfig, DistillConfig, LossConfig, TrainConfig
+from detkd.runner import RunResult, train_models
+
+# Official per-method defaults (docs/methods.md) used when ``methods`` names a method without parameters.
+_FGD = {
+    "retinanet": {"temp": 0.5, "alpha_fgd": 1e-3, "beta_fgd": 5e-4, "gamma_fgd": 5e-4, "lambda_fgd": 5e-6},
+    "gfl": {"temp": 0.5, "alpha_fgd": 1e-3, "beta_fgd": 5e-4, "gamma_fgd": 5e-4, "lambda_fgd": 5e-6},
+    "faster_rcnn": {"temp": 0.5, "alpha_fgd": 5e-5, "beta_fgd": 2.5e-5, "gamma_fgd": 5e-5, "lambda_fgd": 5e-7},
+    "fcos": {"temp": 0.8, "alpha_fgd": 1.6e-3, "beta_fgd": 8e-4, "gamma_fgd": 8e-4, "lambda_fgd": 8e-6},
+}
+
+
+def default_losses(method: str, family: str) -> list[LossConfig]:
+    """The loss list a method name stands for, with the official weights for ``family``."""
+    if method == "fgd":
+        return [LossConfig("fgd", params=dict(_FGD[family]))]
+    if method == "cwd":
+        return [LossConfig("cwd", weight=10.0, params={"tau": 1.0})]
+    if method == "hint":
+        return [LossConfig("hint", weight=0.5)]
+    if method == "ld":
+        return [LossConfig("ld", weight=0.25, params={"tau": 10.0}), LossConfig("kd", weight=10.0, params={"tau": 2.0}),
+                LossConfig("vlr_ld", weight=0.25, params={"tau": 10.0})]
+    if method == "chen":
+        return [LossConfig("chen", params={"mu": 0.5, "nu": 0.5}), LossConfig("hint", weight=0.5, levels=["p3"])]
+    if method == "lgd":
+        return [LossConfig("lgd")]
+    return [LossConfig(method)]
+
+
+def _data_config(data: str | Path | DataConfig, batch_size: int) -> DataConfig:
+    if isinstance(data, DataConfig):
+        return data
+    from detkd.data.stats import guess_format
+
+    root = Path(data)
+    return DataConfig(format=guess_format(root), root=str(root), batch_size=batch_size)
+
+
+def distill(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    *,
+    data: str | Path | DataConfig,
+    methods: list[str | LossConfig] = ("fgd",),
+    epochs: int = 12,
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    optimizer: str = "adamw",
+    output_dir: str = "runs",
+    name: str = "distill",
+    seed: int = 0,
+    train: TrainConfig | None = None,
+) -> RunResult:
+    """Distil ``teacher`` into ``student`` (both built with ``detkd.models.build``) and evaluate the student.
+
+    ``methods`` are names (official defaults for the student's family) or full ``LossConfig`` entries; ``teacher``
+    may be None for LGD. Returns the run's metrics; the plain student weights are in ``run_dir / "last.pt"``.
+    """
+    family = student.detkd_spec.family
+    losses: list[LossConfig] = []
+    for m in methods:
+        losses += [copy.deepcopy(m)] if isinstance(m, LossConfig) else default_losses(m, family)
+    tc = train or TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer)
+    cfg = Config(name=name, seed=seed, output_dir=output_dir, data=_data_config(data, batch_size),
+                 distill=DistillConfig(losses=losses), train=tc)
+    return train_models(cfg, student, teacher)
+
+
+def train_student(student: nn.Module, *, data: str | Path | DataConfig, epochs: int = 12, batch_size: int = 4,
+                  lr: float = 1e-3, output_dir: str = "runs", name: str = "student", seed: int = 0) -> RunResult:
+    """Train a detector alone (the baseline, or a teacher)."""
+    cfg = Config(name=name, seed=seed, output_dir=output_dir, data=_data_config(data, batch_size),
+                 train=TrainConfig(epochs=epochs, lr=lr, optimizer="adamw"))
+    return train_models(cfg, student, None)

@@ -1,0 +1,107 @@
+"""The only place where a config becomes objects: models, teacher, loss modules, trainable."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from detkd.config import ConfigError, DistillConfig, LossConfig, ModelConfig
+from detkd.distill.distiller import Distiller, ScheduledLoss
+from detkd.distill.teacher import FrozenTeacher
+from detkd.losses import LOSSES
+from detkd.models import build as build_detector
+from detkd.models.adapters import DetectorAdapter, build_adapter
+from detkd.models.pairs import check_pair, head_signature
+
+
+def build_model(mc: ModelConfig, num_classes: int) -> nn.Module:
+    """A detector from its config; ``num_classes`` (real classes) comes from the dataset unless the config pins it."""
+    if mc.num_classes is not None and mc.num_classes != num_classes:
+        raise ConfigError(
+            f"model.num_classes is {mc.num_classes} but the dataset has {num_classes} classes; "
+            "remove model.num_classes or fix the data"
+        )
+    return build_detector(
+        mc.family,
+        backbone=mc.backbone,
+        num_classes=num_classes,
+        fpn_channels=mc.fpn_channels,
+        head_convs=mc.head_convs,
+        min_size=mc.min_size,
+        max_size=mc.max_size,
+        backbone_norm=mc.backbone_norm,
+        weights=mc.weights,
+        backbone_weights=mc.backbone_weights,
+        **mc.options,
+    )
+
+
+def _default_levels(cls: type, student: DetectorAdapter, teacher: DetectorAdapter | None) -> list[str]:
+    levels = list(student.feature_specs())
+    if teacher is not None and cls.teacher_stage is not None:
+        t_levels = teacher.feature_specs()
+        levels = [lv for lv in levels if lv in t_levels]
+    return levels
+
+
+def build_loss(
+    lc: LossConfig,
+    student: DetectorAdapter,
+    teacher: DetectorAdapter | None,
+    *,
+    num_classes: int,
+    max_steps: int | None,
+    allow_resize: bool = False,
+) -> ScheduledLoss:
+    if lc.method not in LOSSES:
+        raise ConfigError(f"unknown distillation method {lc.method!r} (known: {', '.join(sorted(LOSSES))})")
+    cls = LOSSES[lc.method]
+    levels = lc.levels or _default_levels(cls, student, teacher)
+    s_specs = student.feature_specs()
+    t_specs = teacher.feature_specs() if teacher is not None else None
+    if cls.teacher_stage is not None and teacher is None:
+        raise ConfigError(f"distillation method {lc.method!r} needs a teacher: add a `teacher:` section")
+    params = dict(lc.params)
+    if lc.method == "lgd":
+        params.setdefault("num_classes", num_classes)
+        params.setdefault("max_steps", max_steps)
+    module = cls(levels, s_specs, t_specs, **params)
+    # the instance decides what it consumes (e.g. CWD on class logits needs the same head)
+    if module.teacher_stage is not None:
+        check_pair(lc.method, "features", s_specs, t_specs, levels, allow_resize=allow_resize)
+        if module.needs_same_head:
+            check_pair(lc.method, "same_head", s_specs, t_specs, levels,
+                       student_head=head_signature(student), teacher_head=head_signature(teacher))
+    return ScheduledLoss(lc.method, module, lc.weight, lc.start_step, lc.stop_step)
+
+
+def build_distiller(
+    student: nn.Module,
+    teacher: FrozenTeacher | None,
+    dc: DistillConfig,
+    *,
+    num_classes: int,
+    max_steps: int | None = None,
+) -> Distiller:
+    s_adapter = build_adapter(student)
+    t_adapter = teacher.adapter if teacher is not None else None
+    if dc.inherit:
+        if teacher is None:
+            raise ConfigError("distill.inherit needs a teacher")
+        from detkd.distill.inherit import inherit_from_teacher
+
+        inherit_from_teacher(student, teacher.model)
+    keys: dict[str, int] = {}
+    losses = []
+    for lc in dc.losses:
+        sl = build_loss(
+            lc, s_adapter, t_adapter, num_classes=num_classes, max_steps=max_steps, allow_resize=dc.allow_resize
+        )
+        keys[lc.method] = keys.get(lc.method, 0) + 1
+        if keys[lc.method] > 1:  # the same method twice (e.g. on different levels) logs under distinct keys
+            sl.key = f"{lc.method}{keys[lc.method]}"
+        losses.append(sl)
+    if not losses:
+        raise ConfigError("distill.losses is empty: name at least one method, or remove the distill section")
+    return Distiller(
+        student, losses, teacher, task_weights=dc.task_weights, check_first_step=dc.check_first_step
+    )

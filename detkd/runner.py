@@ -1,0 +1,112 @@
+"""Run a whole experiment from a Config: data -> models -> trainable -> fit -> evaluation."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from detkd.build import build_distiller, build_model
+from detkd.config import Config, ConfigError
+from detkd.data import build_dataset
+from detkd.data.loader import build_loader
+from detkd.distill.teacher import FrozenTeacher
+from detkd.engine.distributed import barrier, init_distributed, is_main
+from detkd.engine.loop import fit
+from detkd.engine.optim import total_steps
+from detkd.engine.task import TaskModel
+from detkd.eval import evaluate
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float]
+    steps: int
+    wall_time: float
+    skipped_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_student_weights(model: torch.nn.Module, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    model.load_state_dict(state, strict=True)
+
+
+def train_from_config(cfg: Config, *, resume: bool | str = False) -> RunResult:
+    """Train the configured student (plain or distilled) and evaluate it; DDP when launched by torchrun."""
+    num_classes = _num_classes(cfg)
+    student = build_model(cfg.model, num_classes)
+    teacher = build_model(cfg.teacher, num_classes) if cfg.teacher is not None else None
+    if teacher is not None and not cfg.teacher.weights:
+        raise ConfigError("teacher.weights is required: a teacher must be trained first (give its last.pt)")
+    return train_models(cfg, student, teacher, resume=resume)
+
+
+def _num_classes(cfg: Config) -> int:
+    dist = init_distributed()
+    if dist.is_main:
+        build_dataset(cfg.data, cfg.data.train_split, train=False)  # rank 0 generates/caches synthetic data first
+    barrier()
+    return build_dataset(cfg.data, cfg.data.train_split, train=False).num_classes
+
+
+def train_models(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module | None, *,
+                 resume: bool | str = False) -> RunResult:
+    """Train already-built models with ``cfg``'s data, distillation and schedule; evaluate the student."""
+    dist = init_distributed()
+    torch.manual_seed(cfg.seed)
+    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    loader = build_loader(train_set, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers,
+                          seed=cfg.seed, distributed=dist.world_size > 1)
+    if cfg.distill is not None:
+        frozen = FrozenTeacher(teacher, bf16=cfg.distill.teacher_bf16) if teacher is not None else None
+        max_steps = total_steps(cfg.train, len(loader))
+        trainable = build_distiller(student, frozen, cfg.distill, num_classes=train_set.num_classes,
+                                    max_steps=max_steps)
+    else:
+        if teacher is not None:
+            raise ConfigError("a teacher is configured but no distill section: add distill.losses or drop the teacher")
+        trainable = TaskModel(student)
+    device = dist.device if dist.world_size > 1 else _device(cfg.train.device)
+
+    def _evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return evaluate(model, val_set, batch_size=cfg.eval.batch_size, device=device,
+                        max_detections=cfg.eval.max_detections)
+
+    run_dir = cfg.run_dir
+    start = time.perf_counter()
+    result = fit(trainable, loader, cfg.train, run_dir, evaluate=_evaluate, resume=resume or None, seed=cfg.seed,
+                 config=cfg, checkpoint_every=cfg.train.checkpoint_every,
+                 find_unused_parameters=cfg.train.find_unused_parameters)
+    wall = time.perf_counter() - start
+    metrics = dict(result.last_metrics or {})
+    if is_main():
+        summary = {"metrics": metrics, "steps": result.steps, "wall_time": wall, "skipped_steps": result.skipped_steps}
+        (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(run_dir, metrics, result.steps, wall, result.skipped_steps)
+
+
+def eval_from_config(cfg: Config, checkpoint: str | Path, *, split: str | None = None) -> dict[str, float]:
+    """Evaluate a plain student checkpoint (``last.pt``/``best.pt``) with the config's model and data."""
+    val_set = build_dataset(cfg.data, split or cfg.data.val_split, train=False)
+    model = build_model(cfg.model, val_set.num_classes)
+    load_student_weights(model, checkpoint)
+    device = _device(cfg.train.device)
+    return evaluate(model, val_set, batch_size=cfg.eval.batch_size, device=device,
+                    max_detections=cfg.eval.max_detections)

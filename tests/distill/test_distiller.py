@@ -1,0 +1,202 @@
+"""Distiller + FrozenTeacher end to end on tiny detectors: every method trains 2 iterations through the engine."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from detkd.build import build_distiller
+from detkd.config import DistillConfig, LossConfig, TrainConfig
+from detkd.distill.distiller import WiringError
+from detkd.distill.teacher import FrozenTeacher
+from detkd.engine.loop import fit
+from detkd.models import build
+
+SIZE = 64
+
+
+def _model(family: str, backbone: str = "resnet18", fpn: int = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    opts = {"representation_size": 32} if family == "faster_rcnn" else {}
+    return build(family, backbone=backbone, num_classes=3, fpn_channels=fpn, head_convs=1, min_size=SIZE,
+                 max_size=SIZE, **opts)
+
+
+def _batch():
+    images = [torch.rand(3, SIZE, SIZE), torch.rand(3, SIZE, SIZE)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 20.0, 60.0, 44.0]]), "labels": torch.tensor([1, 3])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # an image without boxes
+    ]
+    return images, targets
+
+
+def _distiller(family: str, losses: list[LossConfig], *, teacher: bool = True, t_fpn: int = 32, **dc):
+    student = _model(family)
+    frozen = FrozenTeacher(_model(family, fpn=t_fpn, seed=1)) if teacher else None
+    return build_distiller(student, frozen, DistillConfig(losses=losses, **dc), num_classes=3, max_steps=2)
+
+
+CASES = {
+    "cwd": ("retinanet", [LossConfig("cwd", weight=10.0)]),
+    "fgd": ("fcos", [LossConfig("fgd", params={"alpha_fgd": 1e-3, "beta_fgd": 5e-4, "gamma_fgd": 5e-4,
+                                               "lambda_fgd": 5e-6})]),
+    "hint": ("faster_rcnn", [LossConfig("hint", levels=["p3", "p4"], weight=0.5)]),
+    "ld": ("gfl", [LossConfig("ld", weight=0.25), LossConfig("kd", weight=10.0), LossConfig("vlr_ld", weight=0.25)]),
+    "chen": ("faster_rcnn", [LossConfig("chen"), LossConfig("hint", levels=["p3"], weight=0.5)]),
+    "kd_dense": ("retinanet", [LossConfig("kd", weight=1.0)]),
+}
+
+
+class _Loader(list):
+    """A two-batch loader for the engine."""
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_two_iterations_each_method(name, tmp_path):
+    family, losses = CASES[name]
+    same_width = name in ("ld", "chen", "kd_dense")  # logit methods need the same head
+    d = _distiller(family, losses, t_fpn=16 if same_width else 32)
+    teacher_before = copy.deepcopy(d.teacher.model.state_dict())
+    cfg = TrainConfig(epochs=1, lr=1e-3, optimizer="adamw", warmup_steps=0, progress=False, log_every=1)
+    result = fit(d, _Loader([_batch(), _batch()]), cfg, tmp_path / name, seed=0)
+    assert result.steps == 2 and result.skipped_steps == 0
+    # the teacher is a constant: unchanged weights, still in eval mode, no grads
+    for k, v in d.teacher.model.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    assert not d.teacher.model.training
+    assert all(p.grad is None for p in d.teacher.model.parameters())
+    # the saved student is a plain detector state_dict
+    plain = _model(family)
+    plain.load_state_dict(torch.load(tmp_path / name / "last.pt", weights_only=True), strict=True)
+
+
+def test_loss_dict_keys_weights_and_gradients():
+    d = _distiller("retinanet", [LossConfig("cwd", weight=10.0, levels=["p3", "p4"])])
+    d.train()
+    out = d(*_batch())
+    assert set(k for k in out if k.startswith("distill/")) == {"distill/cwd/p3", "distill/cwd/p4"}
+    for lv in ("p3", "p4"):
+        assert torch.allclose(out[f"distill/cwd/{lv}"], 10.0 * out[f"raw/cwd/{lv}"])
+    expected = sum(v for k, v in out.items() if k.startswith(("task/", "distill/")))
+    assert torch.allclose(out["loss"], expected)
+    out["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())
+    assert all(p.grad is None for p in d.teacher.model.parameters())
+    # connectors (32 -> 16 channels) train with the distiller, and are not part of the student
+    conn = [n for n, _ in d.named_parameters() if "conv" in n and n.startswith("losses.")]
+    assert conn and not any(n.startswith("losses.") for n, _ in d.student.named_parameters())
+
+
+def test_teacher_stays_in_eval_mode_and_out_of_state_dict():
+    d = _distiller("fcos", [LossConfig("cwd")])
+    d.train()
+    assert d.student.training and not d.teacher.model.training
+    assert not any(k.startswith("_teacher") or "teacher.model" in k for k in d.state_dict())
+    assert not any(p is q for p in d.parameters() for q in d.teacher.model.parameters())
+
+
+def test_teacher_runs_only_as_far_as_needed():
+    feats = _distiller("retinanet", [LossConfig("cwd")])
+    head = _distiller("retinanet", [LossConfig("kd")], t_fpn=16)
+    assert feats._teacher_stage(list(feats.losses)) == "features"
+    assert head._teacher_stage(list(head.losses)) == "head"
+    calls = []
+    original = feats.teacher.adapter.run
+
+    def spy(batch, stage="loss"):
+        calls.append(stage)
+        return original(batch, stage=stage)
+
+    feats.teacher.adapter.run = spy
+    feats.train()
+    feats(*_batch())
+    assert calls == ["features"]
+
+
+def test_schedule_start_stop_steps():
+    d = _distiller("retinanet", [LossConfig("cwd", start_step=1, stop_step=2)])
+    d.train()
+    d.set_step(0)
+    assert not any(k.startswith("distill/") for k in d(*_batch()))
+    d.set_step(1)
+    assert any(k.startswith("distill/") for k in d(*_batch()))
+    d.set_step(2)
+    assert not any(k.startswith("distill/") for k in d(*_batch()))
+
+
+def test_wiring_check_fires_on_a_zero_term():
+    # hint from a level to itself with a student identical to the teacher is not zero (adaptation layer), but CWD
+    # between identical maps is exactly zero: the classic silent failure of distilling a model into itself
+    student = build("retinanet", backbone="resnet18", num_classes=3, fpn_channels=16, head_convs=1, min_size=SIZE,
+                    max_size=SIZE, backbone_norm="frozen_bn")  # no batch statistics: train == eval features
+    teacher = FrozenTeacher(copy.deepcopy(student))
+    d = build_distiller(student, teacher, DistillConfig(losses=[LossConfig("cwd")]), num_classes=3)
+    d.train()
+    out = d(*_batch())
+    with pytest.raises(WiringError, match="'cwd' is exactly zero"):
+        d.step_check(out)
+
+
+def test_wiring_check_fires_without_gradient_path():
+    d = _distiller("retinanet", [LossConfig("cwd")])
+    d.train()
+    out = d(*_batch())
+    out = {k: (v.detach() if k.startswith("distill/") else v) for k, v in out.items()}
+    with pytest.raises(WiringError, match="no gradient path"):
+        d.step_check(out)
+
+
+def test_missing_teacher_and_unknown_method_are_clear():
+    from detkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        _distiller("retinanet", [LossConfig("fgd")], teacher=False)
+    with pytest.raises(ConfigError, match="unknown distillation method 'fdg'"):
+        _distiller("retinanet", [LossConfig("fdg")])
+
+
+def test_logit_method_rejects_a_different_head():
+    from detkd.models.pairs import PairError
+
+    student = _model("retinanet")
+    teacher = FrozenTeacher(_model("fcos"))
+    with pytest.raises(PairError, match="kd"):
+        build_distiller(student, teacher, DistillConfig(losses=[LossConfig("kd")]), num_classes=3)
+
+
+def test_distillation_resume_matches_uninterrupted(tmp_path):
+    def run(stop_at, resume, folder):
+        torch.manual_seed(0)
+        d = _distiller("fcos", [LossConfig("fgd")])
+        cfg = TrainConfig(epochs=2, lr=1e-3, optimizer="adamw", warmup_steps=0, progress=False, log_every=1)
+        return fit(d, _Loader([_batch(), _batch()]), cfg, folder, seed=0, stop_at_step=stop_at, resume=resume), d
+
+    _, full = run(None, None, tmp_path / "full")
+    first, _ = run(2, None, tmp_path / "split")
+    assert first.stopped
+    _, resumed = run(None, True, tmp_path / "split")
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+@pytest.mark.parametrize("family", ["retinanet", "fcos", "gfl", "faster_rcnn"])
+def test_lgd_two_iterations_without_teacher(family, tmp_path):
+    torch.manual_seed(0)
+    student = build(family, backbone="resnet18", num_classes=3, fpn_channels=32, head_convs=1, min_size=SIZE,
+                    max_size=SIZE, **({"representation_size": 32} if family == "faster_rcnn" else {}))
+    params = {"pre_nondistill_steps": 1, "freeze_backbone_steps": 1, "num_heads": 8}
+    d = build_distiller(student, None, DistillConfig(losses=[LossConfig("lgd", params=params)]), num_classes=3,
+                        max_steps=2)
+    cfg = TrainConfig(epochs=1, lr=1e-3, optimizer="adamw", warmup_steps=0, progress=False, log_every=1)
+    body_before = copy.deepcopy(student.backbone.body.state_dict())
+    result = fit(d, _Loader([_batch(), _batch()]), cfg, tmp_path / family, seed=0)
+    assert result.steps == 2 and result.skipped_steps == 0
+    # step 0 froze the backbone body; step 1 trained it
+    changed = [k for k, v in student.backbone.body.state_dict().items()
+               if v.dtype.is_floating_point and not torch.equal(v, body_before[k])]
+    assert changed
+    lines = (tmp_path / family / "metrics.jsonl").read_text()
+    assert "distill/lgd" in lines and "tea/" in lines
