@@ -1,0 +1,88 @@
+"""The command line as a user runs it: data stats/synth, train, eval, inspect, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from detkd.cli import main
+
+
+def _recipe(tmp_path: Path, **extra) -> Path:
+    cfg = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"format": "synthetic", "root": str(tmp_path / "synth"), "batch_size": 2,
+                 "synthetic": {"num_train": 4, "num_val": 2, "image_size": 64, "max_objects": 3, "seed": 1}},
+        "model": {"family": "fcos", "backbone": "resnet18", "fpn_channels": 16, "head_convs": 1,
+                  "min_size": 64, "max_size": 64},
+        "train": {"epochs": 1, "optimizer": "adamw", "lr": 1e-3, "warmup_steps": 0, "progress": False},
+        **extra,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_data_stats_json_on_shared_bccd(shared_data, capsys):
+    assert main(["data", "stats", str(shared_data / "bccd" / "voc"), "--split", "test", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    expected = json.loads((shared_data / "bccd" / "coco" / "stats.json").read_text())
+    assert stats["images"] == 72
+    assert set(stats["classes"]) == {"RBC", "WBC", "Platelets"}
+    assert sum(stats["boxes_per_class"].values()) == stats["boxes"]
+    assert "test" in json.dumps(expected)
+
+
+def test_data_synth_writes_coco(tmp_path):
+    out = tmp_path / "s"
+    assert main(["data", "synth", str(out), "--num-train", "3", "--num-val", "2", "--image-size", "64"]) == 0
+    ann = json.loads((out / "annotations_train.json").read_text())
+    assert len(ann["images"]) == 3 and len(ann["categories"]) >= 5
+
+
+def test_train_eval_inspect_roundtrip(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    assert main(["train", str(recipe), "--set", "train.max_steps=2"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    for name in ("last.pt", "state.pt", "config.yaml", "metrics.jsonl", "result.json"):
+        assert (run / name).is_file(), name
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert any(k.startswith("backbone.body.") for k in state)
+    capsys.readouterr()
+    assert main(["eval", str(recipe), "--checkpoint", str(run / "last.pt"), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"AP", "AP50", "AP75"} <= set(metrics)
+    assert main(["inspect", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "p3" in out and "p7" in out
+
+
+def test_inspect_shows_distillation_wiring(tmp_path, capsys):
+    recipe = _recipe(tmp_path, teacher={"family": "fcos", "backbone": "resnet18", "fpn_channels": 32,
+                                        "head_convs": 1, "min_size": 64, "max_size": 64, "weights": "unused.pt"},
+                     distill={"losses": [{"method": "fgd", "levels": ["p3", "p4"]}]})
+    assert main(["inspect", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "fgd" in out and "p3,p4" in out and "2 connectors" in out  # 16 -> 32 channel align convs
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    assert main(["train", str(recipe), "--set", "train.epochz=1"]) == 2
+    assert "unknown key train.epochz" in capsys.readouterr().out
+    assert main(["eval", str(recipe), "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path):
+    from detkd.demo import run_demo
+
+    report = run_demo(quick=True, out_dir=tmp_path)
+    assert [r["model"] for r in report["rows"]][0].startswith("teacher")
+    assert len(report["rows"]) == 3
