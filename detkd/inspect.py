@@ -61,6 +61,7 @@ def inspect_config(cfg: Config, *, console: Console | None = None) -> dict:
             steps = f"{lc.start_step}–{lc.stop_step if lc.stop_step is not None else 'end'}"
             losses.add_row(lc.method, ",".join(sl.module.levels), f"{lc.weight:g}", steps,
                            str(sl.module.teacher_stage or "no teacher"), learn, str(lc.params or ""))
-            report["losses"].append({"method": lc.method, "levels": sl.module.levels, "parameters": n_params})
+            report["losses"].append({"method": lc.method, "levels": sl.module.levels, "parameters": n_params,
+                                     "connectors": n_conn, "teacher_stage": sl.module.teacher_stage})
         console.print(losses)
     return report

@@ -67,8 +67,15 @@ def test_inspect_shows_distillation_wiring(tmp_path, capsys):
                                         "head_convs": 1, "min_size": 64, "max_size": 64, "weights": "unused.pt"},
                      distill={"losses": [{"method": "fgd", "levels": ["p3", "p4"]}]})
     assert main(["inspect", str(recipe)]) == 0
-    out = capsys.readouterr().out
-    assert "fgd" in out and "p3,p4" in out and "2 connectors" in out  # 16 -> 32 channel align convs
+    assert "fgd" in capsys.readouterr().out
+    from detkd.config import load_config
+    from detkd.inspect import inspect_config
+
+    report = inspect_config(load_config(recipe))
+    assert report["levels"]["p3"] == [2, 16, 8, 8]
+    (fgd,) = report["losses"]
+    assert fgd["levels"] == ["p3", "p4"] and fgd["teacher_stage"] == "features"
+    assert fgd["connectors"] == 2  # 16 -> 32 channel align convs, one per level
 
 
 def test_errors_name_the_problem(tmp_path, capsys):
