@@ -51,6 +51,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from detkd.viz import render_report
+
+    cfg = load_config(args.config, args.set)
+    paths = render_report(cfg, Path(args.out), student_weights=args.student, teacher_weights=args.teacher,
+                          num_images=args.images, split=args.split)
+    console.print(f"{len(paths)} pictures written to {args.out} (see {Path(args.out) / 'index.md'})")
+    return 0
+
+
+def _cmd_viz_curves(args: argparse.Namespace) -> int:
+    from detkd.viz import save_training_curves
+
+    console.print(f"training curves: {save_training_curves(Path(args.run_dir))}")
+    return 0
+
+
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from detkd.data.stats import dataset_stats, format_stats_table, open_dataset
 
@@ -111,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("config")
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     i.set_defaults(func=_cmd_inspect)
+
+    v = sub.add_parser("viz", help="pictures of what each configured loss distils (masks, regions, distributions)")
+    v.add_argument("config")
+    v.add_argument("--student", default=None, help="student weights (last.pt); default: fresh init")
+    v.add_argument("--teacher", default=None, help="teacher weights; default: the config's teacher.weights")
+    v.add_argument("--out", default="viz")
+    v.add_argument("--images", type=int, default=2)
+    v.add_argument("--split", default="val")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(func=_cmd_viz)
+    vc = sub.add_parser("viz-curves", help="plot a run folder's metrics.jsonl")
+    vc.add_argument("run_dir")
+    vc.set_defaults(func=_cmd_viz_curves)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("stats", help="images, boxes, classes and sizes of a dataset")

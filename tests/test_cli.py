@@ -60,6 +60,11 @@ def test_train_eval_inspect_roundtrip(tmp_path, capsys):
     assert main(["inspect", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "p3" in out and "p7" in out
+    assert main(["viz-curves", str(run)]) == 0
+    assert (run / "curves.png").stat().st_size > 1000
+    assert main(["viz", str(recipe), "--student", str(run / "last.pt"), "--out", str(tmp_path / "viz"),
+                 "--images", "1"]) == 0
+    assert (tmp_path / "viz" / "img000_detections.png").is_file() and (tmp_path / "viz" / "index.md").is_file()
 
 
 def test_inspect_shows_distillation_wiring(tmp_path, capsys):
