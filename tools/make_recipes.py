@@ -53,7 +53,16 @@ def levels(family: str) -> list[str]:
     return TWO_STAGE_LEVELS if family == "faster_rcnn" else DENSE_LEVELS
 
 
-def method_losses(method: str, family: str) -> tuple[list[dict], dict]:
+# LGD's reference schedule: 180k iterations with 30k of distillation warm-up (student detached) and 20k with a
+# frozen backbone. CPU-sized recipes keep those fractions (1/6 and 1/9) of their own length.
+LGD_WARMUP = {
+    "coco": {"pre_nondistill_steps": 30000, "freeze_backbone_steps": 20000, "post_nondistill_steps": 0},
+    "synth": {"pre_nondistill_steps": 80, "freeze_backbone_steps": 53, "post_nondistill_steps": 0},  # 480 steps
+    "bccd": {"pre_nondistill_steps": 208, "freeze_backbone_steps": 139, "post_nondistill_steps": 0},  # 1248 steps
+}
+
+
+def method_losses(method: str, family: str, dataset: str = "synth") -> tuple[list[dict], dict]:
     """Loss list and extra distill-section keys for one method on one family."""
     if method == "cwd":
         return [{"method": "cwd", "weight": 10.0, "levels": levels(family), "params": {"tau": 1.0}}], {}
@@ -69,8 +78,8 @@ def method_losses(method: str, family: str) -> tuple[list[dict], dict]:
             {"method": "vlr_ld", "weight": 0.25, "params": {"tau": 10.0, "alpha": 0.25}},
         ], {}
     if method == "ld_fgd":
-        ld, _ = method_losses("ld", family)
-        fgd, _ = method_losses("fgd", family)
+        ld, _ = method_losses("ld", family, dataset)
+        fgd, _ = method_losses("fgd", family, dataset)
         return ld + fgd, {}
     if method == "chen":
         loss = {"method": "chen", "weight": 1.0,
@@ -78,8 +87,9 @@ def method_losses(method: str, family: str) -> tuple[list[dict], dict]:
         hint = {"method": "hint", "weight": 0.5, "levels": ["p3"], "params": {"norm": "l2"}}
         return [loss, hint], {"task_weights": {"loss_classifier": 0.5, "loss_objectness": 0.5}}
     if method == "lgd":
-        return [{"method": "lgd", "weight": 1.0, "params": {"add_context": family != "fcos",
-                                                            "detach_appearance": family == "faster_rcnn"}}], {}
+        params = {"add_context": family != "fcos", "detach_appearance": family == "faster_rcnn"}
+        params.update(LGD_WARMUP[dataset])
+        return [{"method": "lgd", "weight": 1.0, "params": params}], {}
     raise ValueError(method)
 
 
@@ -115,6 +125,8 @@ def train(dataset: str, family: str, method: str | None) -> dict:
              "schedule": "cosine", "grad_clip": 10.0}
     if method and "fgd" in method:
         t["grad_clip"] = 35.0  # every official FGD config clips at max-norm 35
+    if method == "lgd" and dataset == "coco":
+        t["find_unused_parameters"] = True  # DDP: the frozen-backbone warm-up leaves parameters without gradients
     return t
 
 
@@ -136,7 +148,7 @@ def recipe(method: str | None, family: str, dataset: str, role: str = "student")
     else:
         name = f"{method}_{family}_{tname}_{sname}_{dataset}" if method != "lgd" else f"lgd_{family}_{sname}_{dataset}"
         cfg["model"] = model(family, s_arch, spec["size"], coco)
-        losses, extra = method_losses(method, family)
+        losses, extra = method_losses(method, family, dataset)
         if method != "lgd":
             cfg["teacher"] = model(family, t_arch, spec["size"], coco)
             cfg["teacher"]["weights"] = f"runs/teacher_{family}_{tname}_{dataset}/last.pt"
