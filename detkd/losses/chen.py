@@ -175,11 +175,12 @@ class ChenDenseLoss(_ChenBase):
     Soft term: every non-ignored location of the selected levels is one sample. Sigmoid heads have K independent
     logits and no background logit; the K+1-way distribution is softmax([0 (background), z_1 .. z_K]), which is
     exact for K = 1 (as for the RPN) and the natural multi-class extension otherwise. bg_weight goes to column 0.
-    Bound term (GFL only, ``bound=True``): the regression is the integral of the edge distributions (Σ_i i·p_i, in
-    stride units) and the target the distances from the anchor centre to the matched box's edges divided by the
-    stride, clamped to [0, reg_max − 0.01] (GFL's DFL target); foreground = the assignment's positives. Box-delta heads
-    (RetinaNet, FCOS) would need the model's box coder to encode targets, which losses do not see: use ``bound=False``
-    there. Returns ``{"soft": (1 − μ)·L_soft, "bound": ν·L_b}`` over the selected levels together.
+    Bound term (``bound=True``), foreground = the assignment's positives: on GFL the regression is the integral of the
+    edge distributions (Σ_i i·p_i, in stride units) and the target the distances from the anchor centre to the
+    matched box's edges divided by the stride, clamped to [0, reg_max − 0.01] (GFL's DFL target); on box-delta heads
+    (RetinaNet, FCOS) it is ``bbox_regression`` against the family's own box-coder encoding of the matched box, which
+    the adapter provides as ``extras["regression_targets"]``.
+    Returns ``{"soft": (1 − μ)·L_soft, "bound": ν·L_b}`` over the selected levels together.
     """
 
     name = "chen_dense"
@@ -218,8 +219,27 @@ class ChenDenseLoss(_ChenBase):
         )
         out = {"soft": (1 - self.mu) * soft}
         if self.bound:
-            out["bound"] = self.nu * self._gfl_bound(student, teacher, slices)
+            bound = self._gfl_bound if "bbox_dist" in student.head else self._delta_bound
+            out["bound"] = self.nu * bound(student, teacher, slices)
         return out
+
+    def _delta_bound(self, student: DetOutputs, teacher: DetOutputs | None, slices: list[tuple[str, slice]]) -> Tensor:
+        """Box-delta heads (RetinaNet, FCOS): the regression targets are the family's own box-coder encoding of the
+        matched boxes, which the adapter provides as ``extras["regression_targets"]`` (N, L, 4)."""
+        if "regression_targets" not in student.extras:
+            raise ValueError(
+                f"chen_dense: bounded regression on the {student.family!r} head needs encoded regression targets "
+                "(extras['regression_targets'] from the adapter's 'loss' stage); set params.bound: false otherwise"
+            )
+        s_reg, t_reg = head_pair(student, teacher, "bbox_regression", self.name)
+        sel = torch.zeros(s_reg.shape[1], dtype=torch.bool, device=s_reg.device)
+        for _, sl in slices:
+            sel[sl] = True
+        fg = positive_mask(student, self.name) & sel[None, :]
+        target = student.extras["regression_targets"]
+        return bounded_regression(
+            s_reg.reshape(-1, 4), t_reg.reshape(-1, 4), target.reshape(-1, 4), fg.reshape(-1), margin=self.margin
+        )
 
     def _not_ignored(self, student: DetOutputs) -> Tensor:
         """(N, L) bool: False at locations the assignment ignores (matched index −2)."""
@@ -230,12 +250,6 @@ class ChenDenseLoss(_ChenBase):
         return torch.stack(list(matched)) != -2
 
     def _gfl_bound(self, student: DetOutputs, teacher: DetOutputs | None, slices: list[tuple[str, slice]]) -> Tensor:
-        if "bbox_dist" not in student.head:
-            raise ValueError(
-                f"chen_dense: bounded regression needs a GFL edge-distribution head ('bbox_dist'); the "
-                f"{student.family!r} head regresses box deltas whose targets need the model's box coder. "
-                "Set params.bound: false for this family."
-            )
         s_dist, t_dist = head_pair(student, teacher, "bbox_dist", self.name)
         n, num_loc, d = s_dist.shape
         bins = d // 4

@@ -47,7 +47,16 @@ CASES = {
     "ld": ("gfl", [LossConfig("ld", weight=0.25), LossConfig("kd", weight=10.0), LossConfig("vlr_ld", weight=0.25)]),
     "chen": ("faster_rcnn", [LossConfig("chen"), LossConfig("hint", levels=["p3"], weight=0.5)]),
     "kd_dense": ("retinanet", [LossConfig("kd", weight=1.0)]),
+    "chen_dense_retinanet": ("retinanet", [LossConfig("chen_dense")]),
+    "chen_dense_fcos": ("fcos", [LossConfig("chen_dense")]),
+    "chen_dense_gfl": ("gfl", [LossConfig("chen_dense")]),
+    "cwd_gfl_logits": ("gfl", [LossConfig("cwd", params={"source": "cls_logits"})]),
+    "fgd_faster_rcnn": ("faster_rcnn", [LossConfig("fgd", levels=["p2", "p3", "p4", "p5"])]),
+    "fgd_gfl": ("gfl", [LossConfig("fgd")]),
+    "hint_retinanet": ("retinanet", [LossConfig("hint", levels=["p3"])]),
+    "cwd_fcos": ("fcos", [LossConfig("cwd")]),
 }
+SAME_HEAD = ("ld", "chen", "kd_dense", "chen_dense_retinanet", "chen_dense_fcos", "chen_dense_gfl", "cwd_gfl_logits")
 
 
 class _Loader(list):
@@ -57,7 +66,7 @@ class _Loader(list):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_two_iterations_each_method(name, tmp_path):
     family, losses = CASES[name]
-    same_width = name in ("ld", "chen", "kd_dense")  # logit methods need the same head
+    same_width = name in SAME_HEAD  # logit methods need the same head
     d = _distiller(family, losses, t_fpn=16 if same_width else 32)
     teacher_before = copy.deepcopy(d.teacher.model.state_dict())
     cfg = TrainConfig(epochs=1, lr=1e-3, optimizer="adamw", warmup_steps=0, progress=False, log_every=1)
@@ -71,6 +80,26 @@ def test_two_iterations_each_method(name, tmp_path):
     # the saved student is a plain detector state_dict
     plain = _model(family)
     plain.load_state_dict(torch.load(tmp_path / name / "last.pt", weights_only=True), strict=True)
+
+
+@pytest.mark.parametrize("family", ["retinanet", "fcos"])
+def test_dense_regression_targets_decode_to_the_matched_boxes(family):
+    from detkd.models.adapters import build_adapter
+
+    model = _model(family)
+    adapter = build_adapter(model)
+    images, targets = _batch()
+    out = adapter.run(adapter.preprocess(images, targets), stage="loss")
+    enc = out.extras["regression_targets"]
+    pos = out.assignment.positive_mask
+    assert pos[0].any() and not pos[1].any() and enc[1].abs().sum() == 0
+    anchors = out.anchors[pos[0]]
+    if family == "retinanet":
+        decoded = model.head.regression_head.box_coder.decode_single(enc[0][pos[0]], anchors)
+    else:
+        decoded = model.head.box_coder.decode(enc[0][pos[0]], anchors)
+    boxes = out.targets[0]["boxes"][out.assignment.matched_idxs[0][pos[0]]]
+    assert torch.allclose(decoded, boxes, atol=1e-3)
 
 
 def test_loss_dict_keys_weights_and_gradients():

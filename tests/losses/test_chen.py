@@ -295,7 +295,29 @@ def test_chen_dense_gfl_bound_hand_values():
     assert s_dist.grad[0, 1].abs().sum() > 0 and s_dist.grad[0, 6].abs().sum() == 0
 
 
-def test_chen_dense_bound_needs_distribution_head():
+def test_chen_dense_bound_on_box_deltas_uses_encoded_targets():
+    labels = torch.tensor([[0, 1, 0, 0, 0, 0, 2, 0]])
+    matched = [torch.tensor([-1, 0, -1, -1, -1, -1, 1, -1])]
+    s_reg = torch.zeros(1, 8, 4, requires_grad=True)
+    student = _dense(torch.zeros(1, 8, 2), labels, matched)
+    teacher = _dense(torch.zeros(1, 8, 2), labels, matched)
+    student.head["bbox_regression"] = s_reg
+    t_reg = torch.zeros(1, 8, 4)
+    t_reg[0, 6] = torch.tensor([5.0, 5.0, 5.0, 5.0])  # teacher worse than the student at location 6
+    teacher.head["bbox_regression"] = t_reg
+    target = torch.zeros(1, 8, 4)
+    target[0, 1] = torch.tensor([1.0, 2.0, 0.0, 0.0])  # ||s - y||^2 = 5 > ||t - y||^2 = 5 - m? only with m > 0
+    target[0, 6] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # ||s - y||^2 = 1 < ||t - y||^2 = 16+25+25+25 -> 0
+    student.extras["regression_targets"] = target
+    strict = ChenDenseLoss([], SPECS, SPECS, nu=1.0)(student, teacher)
+    assert strict["bound"].item() == 0.0  # location 1: 5 + 0 > 5 is false (strict), location 6 bounded
+    margin = ChenDenseLoss([], SPECS, SPECS, nu=1.0, margin=0.1)(student, teacher)
+    assert margin["bound"].item() == pytest.approx(5.0 / 2)  # location 1 counts, mean over the 2 positives
+    margin["bound"].backward()
+    assert s_reg.grad[0, 1].abs().sum() > 0 and s_reg.grad[0, 6].abs().sum() == 0
+
+
+def test_chen_dense_bound_needs_regression_targets():
     labels = torch.tensor([[0, 1, 0, 0, 0, 0, 0, 0]])
     matched = [torch.tensor([-1, 0, -1, -1, -1, -1, -1, -1])]
     retina = _dense(torch.randn(1, 8, 2), labels, matched)

@@ -183,7 +183,25 @@ class DenseAdapter(DetectorAdapter):
         if stage == "loss":
             out.losses, matched = self._losses(out, raw_head)
             out.assignment = assignment_from_matches(matched, batch.targets)
+            targets = self._regression_targets(batch.targets, matched, anchors)
+            if targets is not None:
+                out.extras["regression_targets"] = targets
         return out
+
+    def _encode(self, boxes: Tensor, anchors: Tensor) -> Tensor | None:
+        """The family's own box-coder encoding of matched boxes (L, 4) at ``anchors``; None if it has none."""
+        return None
+
+    def _regression_targets(self, targets, matched: list[Tensor], anchors: list[Tensor]) -> Tensor | None:
+        """(N, L, 4) encoded regression targets of each location's matched box (zeros where unmatched)."""
+        rows = []
+        for tgt, idx, anc in zip(targets, matched, anchors):
+            boxes = tgt["boxes"][idx.clamp(min=0)] if tgt["boxes"].numel() else torch.zeros_like(anc)
+            enc = self._encode(boxes.to(anc.dtype), anc)
+            if enc is None:
+                return None
+            rows.append(torch.where((idx >= 0)[:, None], enc, torch.zeros_like(enc)))
+        return torch.stack(rows).detach()
 
     def _losses(self, like: DetOutputs, raw_head: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[Tensor]]:
         """The model's own ``compute_loss``; ``matched_idxs`` observed on its way into ``head.compute_loss``."""

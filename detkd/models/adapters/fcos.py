@@ -22,6 +22,10 @@ class FCOSAdapter(DenseAdapter):
         # FCOS.compute_loss takes H*W per level; FCOS has exactly one anchor per location, so it equals level_sizes
         return self.model.compute_loss(targets, raw_head, anchors, list(level_sizes))
 
+    def _encode(self, boxes: Tensor, anchors: Tensor) -> Tensor:
+        # FCOSHead's BoxLinearCoder(normalize_by_size=True), as its GIoU loss decodes with it
+        return self.model.head.box_coder.encode(anchors, boxes)
+
     def _convert_head(self, raw_head: dict[str, Tensor]) -> dict[str, Tensor]:
         return {
             "cls_logits": raw_head["cls_logits"][..., 1:],

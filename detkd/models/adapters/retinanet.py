@@ -21,5 +21,9 @@ class RetinaNetAdapter(DenseAdapter):
         # RetinaNet.compute_loss matches anchors (IoU Matcher) and calls head.compute_loss(..., matched_idxs)
         return self.model.compute_loss(targets, raw_head, anchors)
 
+    def _encode(self, boxes: Tensor, anchors: Tensor) -> Tensor:
+        # the regression head's own BoxCoder, as its loss uses it
+        return self.model.head.regression_head.box_coder.encode_single(boxes, anchors)
+
     def _convert_head(self, raw_head: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"cls_logits": raw_head["cls_logits"][..., 1:], "bbox_regression": raw_head["bbox_regression"]}
