@@ -25,10 +25,10 @@ demo: $(STAMP)
 	$(BIN)/detkd demo $(ARGS)
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check detkd tests benchmarks
+	$(BIN)/ruff check .
 
 test: $(DEV_STAMP)
-	$(BIN)/ruff check detkd tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
