@@ -104,7 +104,10 @@ def _norm_layer(kind: str, eps: float = 1e-5) -> Callable[[int], nn.Module] | No
 def _classification_net(name: str, norm: str, backbone_weights: str | None) -> nn.Module:
     """The full torchvision classification network (random init), with backbone weights loaded if given."""
     if name.startswith("resnet"):
-        net = getattr(torchvision.models, name)(weights=None, norm_layer=_norm_layer(norm) or nn.BatchNorm2d)
+        # from scratch, each residual block starts as the identity (last norm's gamma = 0, Goyal et al. 2017): deep
+        # ResNets then train from random init at short schedules; loaded weights overwrite it
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=_norm_layer(norm) or nn.BatchNorm2d,
+                                                zero_init_residual=norm != "frozen_bn")
     else:
         # MobileNetV3 trains its BatchNorm with eps 1e-3; frozen statistics must use the same eps
         net = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=_norm_layer(norm, eps=1e-3))
