@@ -1,0 +1,401 @@
+"""The gain: AP of the student with each distillation method against the same student trained alone (issue 7).
+
+For a dataset and a detector family: train the teacher once per family (cached by config hash under
+``runs/bench/``), then the baseline student and the student with each method on the same schedule and seeds, from
+the ``configs/`` recipes (overrides applied to every run alike). LD runs on GFL, Chen on Faster R-CNN, LGD needs no
+teacher; a combination is named ``a+b`` (the losses of both recipes on the first one's family) or by its recipe
+(``ld_fgd``). Every run is cached under its config hash: re-running a command reuses finished runs, so a study can
+be split over several processes (``--only-seeds``, ``--teacher-only``) and then reported by the full command.
+
+Reported (``benchmarks/results/accuracy_<dataset>.json`` / ``.md`` / ``.png``): AP, AP50, AP75 (COCO, x100) as
+mean ± std over seeds; the delta against the baseline with a 95% t-interval over the paired seed differences; the
+gap closed, (AP_distilled − AP_student) / (AP_teacher − AP_student) with seed means; machine, commit, date and wall
+time of the study and of every run.
+
+Usage: ``python benchmarks/accuracy.py --dataset synth|bccd|thermal --family retinanet --methods cwd,fgd,... --seeds 3
+[--epochs N] [--cpu-reduced] [--device auto|cpu|cuda] [--set key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    ROOT,
+    command_line,
+    git_commit,
+    machine_info,
+    md_meta,
+    md_table,
+    meta,
+    method_family,
+    now_iso,
+    recipe_path,
+    set_threads,
+    write_results,
+)
+
+from detkd.config import Config, DataConfig, apply_override, load_config, to_dict  # noqa: E402
+
+DEFAULT_METHODS = ("cwd", "fgd", "hint", "ld", "chen", "lgd", "ld_fgd")
+METRICS = ("AP", "AP50", "AP75")
+#: t_{0.975, df} for df = 1..30 (two-sided 95%); larger df use 1.96
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+#: --cpu-reduced: a schedule two shared CPU cores finish in minutes; numbers from it show the harness works, they
+#: are not converged results
+REDUCED = {
+    "synth": ["data.synthetic.num_train=64", "data.synthetic.num_val=32", "data.synthetic.image_size=128",
+              "data.root=.cache/detkd/synthetic_reduced", "model.min_size=128", "model.max_size=128",
+              "teacher.min_size=128", "teacher.max_size=128", "train.epochs=3", "train.warmup_steps=10"],
+    "bccd": ["model.min_size=256", "model.max_size=256", "teacher.min_size=256", "teacher.max_size=256",
+             "train.epochs=4", "train.warmup_steps=20"],
+}
+REDUCED["thermal"] = REDUCED["bccd"]
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def thermal_data(batch_size: int) -> DataConfig:
+    """Thermal dogs & people (no recipes): the COCO conversion with its own ``images/`` folder."""
+    return DataConfig(format="coco", root="../shared/data/thermal/coco", batch_size=batch_size)
+
+
+def load_recipe(method: str | None, family: str, dataset: str) -> Config:
+    """The recipe of ``method`` (None: baseline, "teacher") on ``family``; "a+b" merges the recipes' losses."""
+    if method and "+" in method:
+        parts = [load_recipe(m, family, dataset) for m in method.split("+")]
+        losses = [lc for p in parts for lc in p.distill.losses]
+        weights = {k: v for p in parts for k, v in p.distill.task_weights.items()}
+        distill = dataclasses.replace(parts[0].distill, losses=losses, task_weights=weights)
+        return dataclasses.replace(parts[0], name=method.replace("+", "_"), distill=distill)
+    if dataset == "thermal":
+        cfg = load_config(recipe_path(method, family, "bccd"))
+        return dataclasses.replace(cfg, name=cfg.name.replace("bccd", "thermal"),
+                                   data=thermal_data(cfg.data.batch_size))
+    return load_config(recipe_path(method, family, dataset))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Relative data paths of the recipes are relative to the repository root; make them independent of the cwd."""
+
+    def fix(p: str | None) -> str | None:
+        return p if p is None or Path(p).is_absolute() else str((ROOT / p).resolve())
+
+    data = dataclasses.replace(cfg.data, root=fix(cfg.data.root), image_root=fix(cfg.data.image_root),
+                               ann_file=fix(cfg.data.ann_file))
+    return dataclasses.replace(cfg, data=data)
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for ov in overrides:
+        key = ov.split("=", 1)[0]
+        if key.startswith("teacher.") and cfg.teacher is None:
+            continue  # teacher overrides do not create a teacher for LGD / baselines / teacher runs
+        cfg = apply_override(cfg, ov)
+    return cfg
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of everything that changes a run's result (not its name or where it is written)."""
+    d = to_dict(cfg)
+    d.pop("name")
+    d.pop("output_dir")
+    d["train"].pop("progress", None)
+    d["train"].pop("log_every", None)
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def steps_per_epoch(cfg: Config) -> int:
+    from detkd.data import build_dataset
+
+    n = len(build_dataset(cfg.data, cfg.data.train_split, train=True))
+    return max(1, math.ceil(n / cfg.data.batch_size))
+
+
+def scale_lgd_schedule(cfg: Config) -> Config:
+    """LGD's warm-up phases are fixed step counts (30k detached, 20k frozen backbone, of 180k): keep their
+    fractions (1/6, 1/9) of the schedule actually run (the recipes' own counts are those fractions of the recipe's
+    schedule, which the benchmark may shorten)."""
+    if cfg.distill is None or not any(lc.method == "lgd" for lc in cfg.distill.losses):
+        return cfg
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(cfg)
+    losses = []
+    for lc in cfg.distill.losses:
+        if lc.method == "lgd":
+            params = {**lc.params, "pre_nondistill_steps": round(total / 6), "freeze_backbone_steps": round(total / 9)}
+            lc = dataclasses.replace(lc, params=params)
+        losses.append(lc)
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, losses=losses))
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def run_cached(cfg: Config, label: str, runs_dir: Path, dataset: str) -> dict[str, Any]:
+    """Train + evaluate ``cfg`` unless a finished run with the same config hash exists; returns its record."""
+    from detkd.runner import train_from_config
+
+    key = config_hash(cfg)
+    name = f"{dataset}_{label}_{key}"
+    cfg = dataclasses.replace(cfg, name=name, output_dir=str(runs_dir))
+    record_file = runs_dir / name / "bench.json"
+    if record_file.is_file() and (runs_dir / name / "last.pt").is_file():
+        return json.loads(record_file.read_text())
+    print(f"[accuracy] training {name} (seed {cfg.seed})", flush=True)
+    result = train_from_config(cfg)
+    record = {"label": label, "run_dir": str(result.run_dir), "seed": cfg.seed, "metrics": result.metrics,
+              "steps": result.steps, "wall_time_s": round(result.wall_time, 1), "date": now_iso(), "hash": key,
+              "skipped_steps": result.skipped_steps, "commit": git_commit(), "machine": _machine(cfg.train.device)}
+    record_file.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _machine(device: str) -> str:
+    info = machine_info(_auto_device(device))
+    return info["gpu"] or f"{info['cpu']} ({info['torch_threads']} threads)"
+
+
+def student_config(method: str | None, family: str, args: argparse.Namespace, teacher_run: dict | None,
+                   seed: int) -> Config:
+    cfg = absolute_paths(with_overrides(load_recipe(method, family, args.dataset), args.overrides))
+    if cfg.teacher is not None:
+        if teacher_run is None:
+            raise RuntimeError(f"{method}: needs the {family} teacher, which was not trained")
+        cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(
+            cfg.teacher, weights=str(Path(teacher_run["run_dir"]) / "last.pt")))
+    cfg = dataclasses.replace(cfg, seed=seed)
+    return scale_lgd_schedule(cfg)
+
+
+def study(args: argparse.Namespace) -> dict[str, Any]:
+    """Teachers, baselines and methods for every (family, seed); returns per-family run records."""
+    families = sorted({method_family(m.split("+")[0], args.family) for m in args.methods})
+    records: dict[str, Any] = {}
+    for family in families:
+        teacher_cfg = absolute_paths(with_overrides(load_recipe("teacher", family, args.dataset), args.overrides))
+        teacher = run_cached(teacher_cfg, f"teacher_{family}", args.runs_dir, args.dataset)
+        records[family] = {"teacher": teacher, "baseline": {}, "methods": {}}
+    if args.teacher_only:
+        return records
+    for seed in args.seed_list:
+        for family in families:
+            rec = records[family]
+            cfg = student_config(None, family, args, None, seed)
+            rec["baseline"][seed] = run_cached(cfg, f"baseline_{family}_s{seed}", args.runs_dir, args.dataset)
+        for method in args.methods:
+            family = method_family(method.split("+")[0], args.family)
+            cfg = student_config(method, family, args, records[family]["teacher"], seed)
+            label = f"{method.replace('+', '_')}_{family}_s{seed}"
+            rec = records[family]["methods"].setdefault(method, {})
+            rec[seed] = run_cached(cfg, label, args.runs_dir, args.dataset)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def mean_std(values: list[float]) -> dict[str, float | None]:
+    mean = statistics.fmean(values)
+    return {"mean": mean, "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def paired_delta(method: list[float], base: list[float]) -> dict[str, Any]:
+    """Mean of the paired differences and its 95% t-interval (None with one seed)."""
+    diffs = [m - b for m, b in zip(method, base)]
+    out: dict[str, Any] = {"mean": statistics.fmean(diffs), "ci95": None, "diffs": diffs}
+    if len(diffs) > 1:
+        df = len(diffs) - 1
+        half = (T975[df - 1] if df <= len(T975) else 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        out["ci95"] = [out["mean"] - half, out["mean"] + half]
+    return out
+
+
+def gap_closed(ap_method: float, ap_base: float, ap_teacher: float) -> float | None:
+    """(AP_distilled − AP_student) / (AP_teacher − AP_student); None when the teacher is not better."""
+    gap = ap_teacher - ap_base
+    return (ap_method - ap_base) / gap if gap > 1e-9 else None
+
+
+def _metric(record: dict, key: str) -> float:
+    value = record["metrics"].get(key, float("nan"))
+    return 100.0 * value if value == value else float("nan")
+
+
+def summarize(records: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """Per family: teacher, baseline and every method with mean ± std, paired deltas and gap closed."""
+    out: dict[str, Any] = {}
+    for family, rec in records.items():
+        teacher = {k: _metric(rec["teacher"], k) for k in METRICS}
+        base = {k: [_metric(rec["baseline"][s], k) for s in seeds] for k in METRICS}
+        fam = {"teacher": teacher, "baseline": {k: mean_std(base[k]) for k in METRICS}, "methods": {}}
+        for method, runs in rec["methods"].items():
+            vals = {k: [_metric(runs[s], k) for s in seeds] for k in METRICS}
+            fam["methods"][method] = {
+                **{k: mean_std(vals[k]) for k in METRICS},
+                "delta": {k: paired_delta(vals[k], base[k]) for k in METRICS},
+                "gap_closed": gap_closed(statistics.fmean(vals["AP"]), statistics.fmean(base["AP"]), teacher["AP"]),
+            }
+        out[family] = fam
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _ms(s: dict) -> str:
+    return f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["std"] is not None else "")
+
+
+def _delta(d: dict) -> str:
+    ci = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
+    return f"{d['mean']:+.1f}{ci}"
+
+
+def to_markdown(payload: dict[str, Any]) -> str:
+    rows = []
+    for family, fam in payload["summary"].items():
+        t = fam["teacher"]
+        rows.append([f"teacher R50 ({family})", *(f"{t[k]:.1f}" for k in METRICS), "", "", ""])
+        rows.append([f"baseline R18 ({family})", *(_ms(fam["baseline"][k]) for k in METRICS), "", "", ""])
+        for method, r in fam["methods"].items():
+            gap = r["gap_closed"]
+            rows.append([f"{method} ({family})", *(_ms(r[k]) for k in METRICS), _delta(r["delta"]["AP"]),
+                         _delta(r["delta"]["AP50"]), "n/a" if gap is None else f"{100 * gap:.0f}%"])
+    s = payload["settings"]
+    return "\n\n".join([
+        f"# Accuracy gain on {s['dataset']}",
+        md_meta(payload["meta"]),
+        f"Seeds {s['seeds']}; overrides applied to every run: `{' '.join(s['overrides']) or 'none'}`. COCO AP x100, "
+        "mean ± std over seeds; Δ = paired difference to the baseline of the same family and seed, mean [95% "
+        "t-interval]; gap closed = (AP_distilled − AP_student) / (AP_teacher − AP_student) with seed means "
+        "(n/a when the teacher is not better). Teachers are trained once per family (seed 0).",
+        md_table(["run", "AP", "AP50", "AP75", "Δ AP [95% CI]", "Δ AP50 [95% CI]", "gap closed"], rows),
+        f"![AP per method]({payload['plot']})" if payload.get("plot") else "",
+        "## Runs\n\n" + md_table(["run", "seed", "AP", "steps", "wall s", "date", "commit", "machine"],
+                                 _run_rows(payload["runs"])),
+    ])
+
+
+def _run_rows(records: dict[str, Any]) -> list[list]:
+    rows = []
+    for rec in records.values():
+        runs = [rec["teacher"], *rec["baseline"].values(), *(r for m in rec["methods"].values() for r in m.values())]
+        rows += [[r["label"], r["seed"], f"{_metric(r, 'AP'):.1f}", r["steps"], r["wall_time_s"], r["date"],
+                  r.get("commit", "?"), r.get("machine", "?")] for r in runs]
+    return rows
+
+
+def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
+    """Bar chart of AP (mean ± std) per family: baseline, methods; the teacher as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = list(summary)
+    widths = [1 + len(summary[f]["methods"]) for f in fams]
+    fig, axes = plt.subplots(1, len(fams), figsize=(1.0 + 1.1 * sum(widths), 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, family in zip(axes[0], fams):
+        fam = summary[family]
+        names = ["baseline", *fam["methods"]]
+        stats = [fam["baseline"]["AP"], *(r["AP"] for r in fam["methods"].values())]
+        means = [s["mean"] for s in stats]
+        errs = [s["std"] or 0.0 for s in stats]
+        colors = ["#9e9e9e"] + ["#1f77b4"] * (len(names) - 1)
+        bars = ax.bar(range(len(names)), means, yerr=errs, capsize=4, color=colors)
+        for bar, m in zip(bars, means):
+            ax.text(bar.get_x() + bar.get_width() / 2, m, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.axhline(fam["teacher"]["AP"], color="#d62728", linestyle="--", label=f"teacher {fam['teacher']['AP']:.1f}")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_title(family)
+        ax.set_ylabel("COCO AP (x100)")
+        ax.legend(loc="lower right", fontsize=8)
+        top = max([fam["teacher"]["AP"], *(m + e for m, e in zip(means, errs))])
+        ax.set_ylim(0, top * 1.15 + 1e-6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="synth", choices=["synth", "bccd", "thermal"])
+    p.add_argument("--family", default="retinanet", help="family of the feature methods and LGD")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated; 'a+b' for a combination")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--only-seeds", default=None, help="train only these seeds (e.g. '1' or '0,2'); report skipped")
+    p.add_argument("--teacher-only", action="store_true", help="train (or find) the teachers and stop")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs of every run (default: the recipes')")
+    p.add_argument("--cpu-reduced", action="store_true", help="small CPU schedule (see REDUCED); not converged")
+    p.add_argument("--device", default="auto", help="train.device of every run: auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--set", dest="extra", action="append", default=[], help="override for every run, key=value")
+    p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
+    p.add_argument("--tag", default="", help="suffix of the result file names (accuracy_<dataset><tag>)")
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.seed_list = (list(range(args.seeds)) if args.only_seeds is None
+                      else [int(s) for s in args.only_seeds.split(",") if s])
+    overrides = list(REDUCED[args.dataset]) if args.cpu_reduced else []
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    overrides += [f"train.device={args.device}", "train.progress=false", *args.extra]
+    args.overrides = overrides
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    start = time.perf_counter()
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    records = study(args)
+    if args.teacher_only or args.only_seeds is not None:
+        print("[accuracy] runs done; run without --teacher-only/--only-seeds to write the report")
+        return None
+    argv_full = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    device = "cuda" if args.device == "cuda" else _auto_device(args.device)
+    payload: dict[str, Any] = {
+        "meta": meta(device, time.perf_counter() - start, command_line(argv_full)),
+        "settings": {"dataset": args.dataset, "family": args.family, "methods": args.methods,
+                     "seeds": args.seed_list, "overrides": args.overrides},
+        "summary": summarize(records, args.seed_list),
+        "runs": records,
+    }
+    out_dir = Path(args.out_dir) if args.out_dir is not None else ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"accuracy_{args.dataset}{args.tag}"
+    png = plot(payload["summary"], out_dir / f"{stem}.png", f"{args.dataset}: AP of the R18 student, "
+               f"{len(args.seed_list)} seed(s)")
+    payload["plot"] = png.name
+    json_path, md_path = write_results(stem, payload, to_markdown(payload), out_dir)
+    print(to_markdown(payload))
+    print(f"\nwrote {json_path}, {md_path} and {png}")
+    return payload
+
+
+def _auto_device(name: str) -> str:
+    import torch
+
+    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""What distillation costs per training step (issue 7, "Cost").
+
+Per method, on real detectors from ``detkd.models.build`` and the real Distiller from
+``detkd.build.build_distiller`` (hyper-parameters from the ``configs/`` recipes), four training steps are timed
+*interleaved* in one run (plain, a, b, c, plain, a, b, c, ..., the order rotated every round), each step being
+zero_grad + forward + backward + gradient clipping (the recipe's) + AdamW step:
+
+* ``plain``: the student alone, ``model(images, targets)`` as torchvision runs it;
+* ``a``: the student alone through its adapter (what the Distiller runs for the student);
+* ``b``: ``a`` + the teacher's forward, on the same preprocessed batch, as far as the method needs
+  (FrozenTeacher.run: no grad, eval mode);
+* ``c``: the full distillation step (``Distiller.forward``: student, teacher, connectors, loss modules).
+
+Reported: median ms per step, the teacher share (b - a)/a, the machinery overhead (c - b)/b (target <= 5%), the
+adapter overhead (a - plain)/plain, and the peak memory of one step above what is resident before it
+(CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, reset through /proc/self/clear_refs after
+``malloc_trim``, Linux + glibc only, else n/a), plus the resident weights and AdamW state each variant owns.
+
+Teacher options (``--options-method``, default fgd): the full step and the teacher's forward alone with an fp32 or a
+bf16 teacher, stopping after the FPN ("features", what feature methods need) or running the whole dense head ("full").
+
+Inputs are random images of ``--size`` px with ``--boxes`` random boxes each (3 classes, like BCCD): timings do not
+depend on the pixel values. Teachers have random weights (no checkpoint is needed to time them).
+Usage: ``python benchmarks/cost.py [--device cpu|cuda] [--size 320] [--batch 2] [--methods cwd,fgd,...]``; writes
+``benchmarks/results/cost_<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    command_line,
+    interleaved,
+    md_meta,
+    md_table,
+    meta,
+    method_family,
+    recipe_path,
+    resolve_device,
+    set_threads,
+    summary_ms,
+    synchronize,
+    write_results,
+)
+
+from detkd.build import build_distiller, build_model  # noqa: E402
+from detkd.config import Config, DistillConfig, load_config  # noqa: E402
+from detkd.distill.distiller import Distiller  # noqa: E402
+from detkd.distill.teacher import STAGE_ORDER, FrozenTeacher  # noqa: E402
+from detkd.models.adapters import build_adapter  # noqa: E402
+
+DEFAULT_METHODS = ("cwd", "fgd", "hint", "ld", "ld_fgd", "chen", "lgd")
+NUM_CLASSES = 3
+VARIANTS = ("plain", "a", "b", "c")
+
+
+class StageTeacher(FrozenTeacher):
+    """A FrozenTeacher that always runs to ``stage`` (measures a "full" teacher forward for a feature method)."""
+
+    def __init__(self, model: nn.Module, *, bf16: bool, stage: str | None):
+        super().__init__(model, bf16=bf16)
+        self.forced_stage = stage
+
+    def run(self, batch, stage, student=None):
+        return super().run(batch, self.forced_stage or stage, student=student)
+
+
+@dataclasses.dataclass
+class Setup:
+    """One method's models, distillation config and a fixed batch."""
+
+    method: str
+    family: str
+    cfg: Config
+    student: nn.Module
+    teacher_model: nn.Module | None
+    images: list[Tensor]
+    targets: list[dict[str, Tensor]]
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def random_batch(batch: int, size: int, boxes: int, device: torch.device, seed: int) -> tuple[list, list]:
+    """``batch`` random (3, size, size) images with ``boxes`` random boxes (16 px .. size/3) and labels 1..3."""
+    gen = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(batch):
+        wh = 16 + torch.rand(boxes, 2, generator=gen) * (size / 3 - 16)
+        xy = torch.rand(boxes, 2, generator=gen) * (size - wh)
+        labels = torch.randint(1, NUM_CLASSES + 1, (boxes,), generator=gen)
+        images.append(torch.rand(3, size, size, generator=gen).to(device))
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+def steady_state(dc: DistillConfig) -> DistillConfig:
+    """LGD's warm-up (student detached, backbone frozen for the first 20-30k steps) would hide its cost: time it
+    in its steady state, with both phases over."""
+    losses = []
+    for lc in dc.losses:
+        if lc.method == "lgd":
+            lc = dataclasses.replace(lc, params={**lc.params, "pre_nondistill_steps": 0, "freeze_backbone_steps": 0})
+        losses.append(lc)
+    return dataclasses.replace(dc, losses=losses, check_first_step=False)
+
+
+def build_setup(method: str, family: str, args: argparse.Namespace, device: torch.device) -> Setup:
+    family = method_family(method, family)
+    cfg = load_config(recipe_path(method, family, args.dataset))
+    torch.manual_seed(args.seed)
+    sized = {"min_size": args.size, "max_size": args.size}
+    student = build_model(dataclasses.replace(cfg.model, **sized), NUM_CLASSES).to(device)
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = build_model(dataclasses.replace(cfg.teacher, weights=None, **sized), NUM_CLASSES).to(device)
+    cfg = dataclasses.replace(cfg, distill=steady_state(cfg.distill))
+    images, targets = random_batch(args.batch, args.size, args.boxes, device, args.seed)
+    return Setup(method, family, cfg, student, teacher, images, targets)
+
+
+def make_distiller(setup: Setup, *, bf16: bool = False, stage: str | None = None) -> Distiller:
+    teacher = None
+    if setup.teacher_model is not None:
+        teacher = StageTeacher(setup.teacher_model, bf16=bf16, stage=stage)
+    distiller = build_distiller(setup.student, teacher, setup.cfg.distill, num_classes=NUM_CLASSES, max_steps=10**6)
+    distiller.to(setup.images[0].device).train()
+    distiller.set_step(0)
+    return distiller
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def teacher_stage(distiller: Distiller) -> str | None:
+    """The deepest teacher stage the distiller's losses need (what Distiller.forward runs), None without teacher."""
+    stages = [sl.module.teacher_stage for sl in distiller.losses if sl.module.teacher_stage is not None]
+    return max(stages, key=STAGE_ORDER.__getitem__) if stages else None
+
+
+def make_step(groups: list[dict], forward: Callable[[], Tensor], clip: float | None, amp: torch.dtype | None,
+              device: torch.device) -> Callable[[], None]:
+    """One optimizer step as the training loop does it: zero_grad, forward (autocast), backward, clip, AdamW."""
+    optimizer = torch.optim.AdamW(groups, lr=1e-6)  # tiny: random models must stay finite over many steps
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = forward()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+
+    return step
+
+
+def step_variants(setup: Setup, distiller: Distiller, amp: torch.dtype | None) -> dict[str, Callable[[], None]]:
+    """The four timed steps of one method (see the module docstring)."""
+    student, images, targets = setup.student, setup.images, setup.targets
+    adapter = build_adapter(student)
+    stage = teacher_stage(distiller)
+    teacher = distiller.teacher
+    device = images[0].device
+    clip = setup.cfg.train.grad_clip
+
+    def plain() -> Tensor:
+        return sum(student(images, targets).values())
+
+    def via_adapter(with_teacher: bool) -> Tensor:
+        batch = adapter.preprocess(images, targets)
+        s_out = adapter.run(batch, "loss")
+        if with_teacher and stage is not None:
+            teacher.run(batch, stage, student=s_out)
+        return sum(s_out.losses.values())
+
+    student_groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+    return {
+        "plain": make_step(student_groups, plain, clip, amp, device),
+        "a": make_step(student_groups, lambda: via_adapter(False), clip, amp, device),
+        "b": make_step(student_groups, lambda: via_adapter(True), clip, amp, device),
+        "c": make_step(distiller.param_groups(), lambda: distiller(images, targets)["loss"], clip, amp, device),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def step_peak_mib(step: Callable[[], None], device: torch.device) -> float | None:
+    """Peak memory of one call of ``step`` above what was resident just before it, in MiB (None: cannot measure).
+
+    CUDA: ``max_memory_allocated`` after a peak reset. CPU (Linux + glibc): garbage is collected and ``malloc_trim``
+    hands freed heap pages back, then the peak RSS (VmHWM) is reset through /proc/self/clear_refs.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    libc = _libc()
+    try:
+        if libc is None:
+            return None
+        libc.malloc_trim(0)
+        before = _status_mib("VmRSS:")
+        Path("/proc/self/clear_refs").write_text("5")
+        step()
+        return _status_mib("VmHWM:") - before
+    except (OSError, KeyError):
+        return None
+
+
+def resident_mib(params: list[nn.Parameter], frozen: list[nn.Parameter]) -> float:
+    """Weights + AdamW state (2 moments) of trained parameters, plus frozen weights (the teacher), in MiB."""
+    trained = sum(p.numel() * p.element_size() for p in params)
+    return (3 * trained + sum(p.numel() * p.element_size() for p in frozen)) / 2**20
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def bench_method(setup: Setup, args: argparse.Namespace, device: torch.device, amp: torch.dtype | None) -> dict:
+    distiller = make_distiller(setup)
+    steps = step_variants(setup, distiller, amp)
+    times = interleaved({**steps, "losses": losses_only(setup, distiller, amp)}, repeats=args.repeats,
+                        warmup=args.warmup, device=device)
+    t = {v: summary_ms(times[v])["median_ms"] for v in times}
+    return {
+        "family": setup.family,
+        "losses": [lc.method for lc in setup.cfg.distill.losses],
+        "teacher_stage": teacher_stage(distiller),
+        "step_ms": {v: summary_ms(times[v]) for v in VARIANTS},
+        "losses_only_ms": summary_ms(times["losses"]),
+        "teacher_share": (t["b"] - t["a"]) / t["a"],
+        "machinery_overhead": (t["c"] - t["b"]) / t["b"],
+        "machinery_ms": t["c"] - t["b"],
+        "losses_share": t["losses"] / t["b"],
+        "adapter_overhead": (t["a"] - t["plain"]) / t["plain"],
+        "paired": {"teacher_share": paired_ratio(times["b"], times["a"]),
+                   "machinery_overhead": paired_ratio(times["c"], times["b"]),
+                   "adapter_overhead": paired_ratio(times["a"], times["plain"])},
+        "step_peak_mib": {v: (step_peak_mib(steps[v], device) if args.memory else None) for v in VARIANTS},
+        **memory_accounting(setup, distiller),
+    }
+
+
+def memory_accounting(setup: Setup, distiller: Distiller) -> dict[str, Any]:
+    """Resident MiB of each variant (weights + AdamW state, frozen teacher weights) and the distillation params."""
+    student = [p for p in setup.student.parameters() if p.requires_grad]
+    teacher = list(setup.teacher_model.parameters()) if setup.teacher_model is not None else []
+    extra = [p for sl in distiller.losses for p in sl.module.parameters() if p.requires_grad]
+    return {
+        "resident_mib": {"plain": resident_mib(student, []), "a": resident_mib(student, []),
+                         "b": resident_mib(student, teacher), "c": resident_mib(student + extra, teacher)},
+        "distill_params": sum(p.numel() for p in extra),
+    }
+
+
+def _leaf(x: Any) -> Any:
+    """Detached copy of a nested output; floating-point tensors become leaves that take gradients."""
+    if isinstance(x, Tensor):
+        return x.detach().requires_grad_(x.is_floating_point())
+    if isinstance(x, dict):
+        return {k: _leaf(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_leaf(v) for v in x)
+    return x
+
+
+def losses_only(setup: Setup, distiller: Distiller, amp: torch.dtype | None) -> Callable[[], None]:
+    """Forward + backward of the distiller's loss modules alone on fixed student/teacher outputs: the loss part of
+    the machinery, timed without the detector around it (short calls, so far less exposed to a noisy machine)."""
+    adapter, device = distiller.student_adapter, setup.images[0].device
+    stage = teacher_stage(distiller)
+    with torch.no_grad():
+        batch = adapter.preprocess(setup.images, setup.targets)
+        s_out = adapter.run(batch, "loss")
+        t_out = distiller.teacher.run(batch, stage, student=s_out) if stage is not None else None
+    s_out = dataclasses.replace(s_out, features=_leaf(s_out.features), head=_leaf(s_out.head),
+                                extras=_leaf(s_out.extras))
+    modules = [sl.module for sl in distiller.losses]
+
+    def step() -> None:
+        for m in modules:
+            m.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            total = sum(sum(m(s_out, t_out).values()) for m in modules)
+        total.backward()
+
+    return step
+
+
+def paired_ratio(num: list[float], den: list[float]) -> dict[str, float]:
+    """Median and quartiles over rounds of num_r / den_r - 1. The two steps of a round ran back to back, so their
+    ratio cancels the slow drifts of a shared machine that a ratio of medians keeps."""
+    ratios = sorted(n / d - 1 for n, d in zip(num, den))
+    if len(ratios) < 4:
+        return {"median": statistics.median(ratios), "q1": ratios[0], "q3": ratios[-1]}
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return {"median": statistics.median(ratios), "q1": q1, "q3": q3}
+
+
+def teacher_options(setup: Setup, args: argparse.Namespace, device: torch.device, amp: torch.dtype | None) -> dict:
+    """Full steps and teacher-only forwards for fp32/bf16 and features-only/full teacher runs, interleaved."""
+    fns: dict[str, Callable[[], Any]] = {}
+    for precision in ("fp32", "bf16"):
+        for reach, stage in (("features", None), ("full", "head")):
+            distiller = make_distiller(setup, bf16=precision == "bf16", stage=stage)
+            steps = step_variants(setup, distiller, amp)
+            fns[f"step|{precision}|{reach}"] = steps["c"]
+            fns[f"teacher|{precision}|{reach}"] = _teacher_only(setup, distiller, stage or "features")
+    times = interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device)
+    return {key: summary_ms(secs) for key, secs in times.items()}
+
+
+def _teacher_only(setup: Setup, distiller: Distiller, stage: str) -> Callable[[], None]:
+    adapter = build_adapter(setup.student)
+    batch = adapter.preprocess(setup.images, setup.targets)
+    return lambda: distiller.teacher.run(batch, stage)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    amp = {"off": None, "bf16": torch.bfloat16}[args.amp] if args.amp != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else None)
+    methods: dict[str, dict] = {}
+    for method in args.methods:
+        setup = build_setup(method, args.family, args, device)
+        methods[method] = bench_method(setup, args, device, amp)
+        print(f"{method}: " + ", ".join(f"{v} {methods[method]['step_ms'][v]['median_ms']:.1f} ms" for v in VARIANTS),
+              flush=True)
+        del setup
+        gc.collect()
+    options = None
+    if args.options_method:
+        setup = build_setup(args.options_method, args.family, args, device)
+        if setup.teacher_model is None:
+            raise SystemExit(f"--options-method {args.options_method}: the method has no teacher")
+        options = {"method": args.options_method, "family": setup.family, "results": teacher_options(
+            setup, args, device, amp)}
+    return {
+        "settings": {"size": args.size, "batch": args.batch, "boxes": args.boxes, "amp": str(amp),
+                     "repeats": args.repeats, "warmup": args.warmup, "dataset_recipes": args.dataset,
+                     "family": args.family},
+        "methods": methods,
+        "teacher_options": options,
+        "target_machinery_met": {m: r["paired"]["machinery_overhead"]["median"] <= 0.05 for m, r in methods.items()},
+        "target_losses_share_met": {m: r["losses_share"] <= 0.05 for m, r in methods.items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def _mib(x: float | None) -> str | None:
+    return None if x is None else f"{x:,.0f}"
+
+
+def to_markdown(payload: dict[str, Any]) -> str:
+    s = payload["settings"]
+    rows = []
+    for name, r in payload["methods"].items():
+        ms = {v: r["step_ms"][v]["median_ms"] for v in VARIANTS}
+        peak, res = r["step_peak_mib"], r["resident_mib"]
+        family = f"{r['family']} ({r['teacher_stage'] or 'no teacher'})"
+        pm = r["paired"]["machinery_overhead"]
+        rows.append([name, family, *(f"{ms[v]:,.1f}" for v in VARIANTS),
+                     _pct(r["teacher_share"]), _pct(r["machinery_overhead"]),
+                     f"{_pct(pm['median'])} [{_pct(pm['q1'])}, {_pct(pm['q3'])}]",
+                     f"{r['losses_only_ms']['median_ms']:,.1f} ({100 * r['losses_share']:.1f}%)",
+                     _pct(r["adapter_overhead"]),
+                     " / ".join(_mib(peak[v]) or "n/a" for v in ("a", "b", "c")),
+                     " / ".join(_mib(res[v]) for v in ("a", "b", "c"))])
+    headers = ["method", "family (teacher stage)", "plain ms", "a ms", "b ms", "c ms", "teacher (b-a)/a",
+               "machinery (c-b)/b", "machinery per round [IQR]", "loss modules ms (% of b)", "adapter (a-plain)/plain",
+               "step peak MiB a / b / c",
+               "resident MiB a / b / c"]
+    met = [m for m, ok in payload["target_machinery_met"].items() if ok]  # on the paired medians
+    missed = [m for m, ok in payload["target_machinery_met"].items() if not ok]
+    lmet = [m for m, ok in payload["target_losses_share_met"].items() if ok]
+    lmissed = [m for m, ok in payload["target_losses_share_met"].items() if not ok]
+    parts = [
+        f"# Cost of distillation per training step ({payload['meta']['machine']['device']})",
+        md_meta(payload["meta"]),
+        f"Student R18-FPN64 (2 head convs), teacher R50-FPN128 (4 head convs), random weights, batch {s['batch']} of "
+        f"{s['size']}x{s['size']} px with {s['boxes']} boxes per image, 3 classes, autocast {s['amp']}; method "
+        f"hyper-parameters from `configs/*_{s['dataset_recipes']}.yaml`. Medians of {s['repeats']} interleaved steps "
+        f"after {s['warmup']} warm-up rounds. plain = `model(images, targets)`; a = student through its adapter; "
+        "b = a + teacher forward (as far as the method needs); c = full Distiller step. Step peak = peak memory of "
+        "one step above what was resident before it; resident = weights + AdamW state (+ frozen teacher weights). "
+        "Machinery per round = median over rounds of c_r / b_r - 1 (steps run back to back) with its quartiles. "
+        "Loss modules = forward + backward of the configured loss modules alone on fixed outputs of one batch (the "
+        "loss part of c - b, timed in the same rounds).",
+        md_table(headers, rows),
+        f"Machinery target (c-b)/b <= 5% (per-round median): met by {', '.join(met) or 'none'}; missed by "
+        f"{', '.join(missed) or 'none'}. Loss modules alone <= 5% of b: met by {', '.join(lmet) or 'none'}; missed "
+        f"by {', '.join(lmissed) or 'none'}.",
+    ]
+    if payload.get("teacher_options"):
+        parts += _options_md(payload["teacher_options"])
+    return "\n\n".join(parts)
+
+
+def _options_md(opt: dict[str, Any]) -> list[str]:
+    res = opt["results"]
+    rows = [[f"{precision} teacher, {reach}", res[f"teacher|{precision}|{reach}"]["median_ms"],
+             res[f"step|{precision}|{reach}"]["median_ms"]]
+            for precision in ("fp32", "bf16") for reach in ("features", "full")]
+    return [
+        f"## Teacher options ({opt['method']} on {opt['family']})",
+        "features = the teacher stops after the FPN (what the method needs); full = it also runs its dense head. "
+        "bf16 = the teacher runs under bf16 autocast (FrozenTeacher(bf16=True)).",
+        md_table(["teacher", "teacher forward ms", "full distillation step ms"], rows),
+    ]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated; ld*/chen pick their family")
+    p.add_argument("--family", default="retinanet", help="family of the feature methods and LGD")
+    p.add_argument("--dataset", default="bccd", help="recipes whose hyper-parameters are used (synth | bccd)")
+    p.add_argument("--size", type=int, default=320, help="input side in px")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--boxes", type=int, default=12, help="boxes per image")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"], help="student autocast (auto: bf16 on "
+                   "CUDA, off on CPU, as train.amp)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--options-method", default="fgd", help="method of the teacher-options table ('' to skip)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurements")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
+    p.add_argument("--tag", default="", help="suffix of the result file names (cost_<device><tag>)")
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    start = time.perf_counter()
+    payload = run(args)
+    argv_full = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    payload = {"meta": meta(args.device, time.perf_counter() - start, command_line(argv_full)), **payload}
+    json_path, md_path = write_results(f"cost_{args.device}{args.tag}", payload, to_markdown(payload), args.out_dir)
+    print(to_markdown(payload))
+    print(f"\nwrote {json_path} and {md_path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

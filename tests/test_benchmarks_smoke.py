@@ -1,0 +1,235 @@
+"""Smoke tests of the benchmark scripts: the smallest configuration of each, and the statistics by hand.
+
+Timings are never asserted; the structure of the result files is, and so are the numbers that do not depend on
+the machine (vectorised regions equal to their loop references, statistics, resident memory accounting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    key = f"bench_{name}"
+    if key not in sys.modules:  # dataclasses need their module registered while it executes
+        spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def _check_meta(m: dict) -> None:
+    assert set(m) >= {"machine", "commit", "date", "wall_time_s", "command"}
+    assert m["machine"]["cpu"] and m["machine"]["torch"] and m["machine"]["cores"] >= 1
+    assert m["commit"] and m["wall_time_s"] >= 0
+
+
+# ------------------------------------------------------------------------------------------------ micro
+
+
+def test_micro_tiny_writes_every_loss_and_exact_regions(tmp_path):
+    micro = _load("micro")
+    micro.main(["--quick", "--batch", "2", "--image", "128", "--channels", "16", "--repeats", "1", "--warmup", "0",
+                "--loop-repeats", "1", "--out-dir", str(tmp_path), "--tag", "_t"])
+    data = json.loads((tmp_path / "micro_cpu_t.json").read_text())
+    _check_meta(data["meta"])
+    expected = {"cwd", "fgd", "hint", "ld (Main LD)", "kd (Main KD)", "vlr_ld (region + KL)", "chen (RPN + RCN)",
+                "chen_dense (GFL)", "lgd distill term", "lgd pyramid (teacher modules)"}
+    assert set(data["losses"]) == expected
+    for name, modes in data["losses"].items():
+        assert set(modes) == {"fwd", "fwd+bwd"}, name
+        assert modes["fwd"]["n"] == 1 and modes["fwd+bwd"]["median_ms"] > 0
+    # 128 px: maps 16², 8², 4², 2², 1² -> 341 locations per image; boxes drawn 3..8 per image
+    assert data["counts"]["locations"] == 256 + 64 + 16 + 4 + 1
+    assert all(3 <= b <= 8 for b in data["counts"]["boxes_per_image"])
+    for region in ("fgd_masks", "vlr"):
+        r = data["regions"][region]
+        assert r["max_abs_diff"] < 1e-5, region  # the vectorised code reproduces the loop reference
+        assert r["speedup"] == pytest.approx(r["loop"]["median_ms"] / r["vectorised"]["median_ms"], rel=0.05)
+        assert r["speedup_min"] == pytest.approx(r["loop"]["min_ms"] / r["vectorised"]["min_ms"], rel=0.05)
+    md = (tmp_path / "micro_cpu_t.md").read_text()
+    assert "| loss module | forward ms |" in md and "speed-up" in md and "commit" in md
+
+
+def test_micro_inputs_have_positives_and_grad_leaves():
+    micro = _load("micro")
+    inp = micro.build_inputs(micro.Shapes(batch=2, image=256, channels=8, classes=5, min_boxes=2, max_boxes=4,
+                                          rpn_samples=8, rois=8), micro.torch.device("cpu"))
+    st = inp.student
+    assert st.head["cls_logits"].shape == (2, 1024 + 256 + 64 + 16 + 4, 5)
+    assert st.head["bbox_dist"].shape[-1] == 68
+    # anchors of side 8 * stride centred on the stride grid: the first p3 anchor is (-32, -32, 32, 32)
+    assert st.anchors[0].tolist() == [-32.0, -32.0, 32.0, 32.0]
+    assert int(st.assignment.positive_mask.sum()) > 0
+    labels = st.assignment.labels[st.assignment.positive_mask]
+    assert labels.min() >= 1 and labels.max() <= 5
+    assert all(t.requires_grad for t in inp.leaves)
+    assert not any(t.requires_grad for t in inp.teacher.features.values())
+
+
+# ------------------------------------------------------------------------------------------------ cost
+
+
+def test_cost_tiny_structure_and_memory_accounting(tmp_path):
+    cost = _load("cost")
+    cost.main(["--size", "128", "--batch", "1", "--boxes", "2", "--repeats", "1", "--warmup", "0",
+               "--methods", "fgd,lgd", "--options-method", "", "--out-dir", str(tmp_path), "--tag", "_t"])
+    data = json.loads((tmp_path / "cost_cpu_t.json").read_text())
+    _check_meta(data["meta"])
+    assert set(data["methods"]) == {"fgd", "lgd"}
+    fgd, lgd = data["methods"]["fgd"], data["methods"]["lgd"]
+    assert fgd["teacher_stage"] == "features" and lgd["teacher_stage"] is None
+    for r in (fgd, lgd):
+        assert set(r["step_ms"]) == {"plain", "a", "b", "c"}
+        ms = {v: r["step_ms"][v]["median_ms"] for v in r["step_ms"]}
+        assert r["machinery_overhead"] == pytest.approx((ms["c"] - ms["b"]) / ms["b"])
+        assert r["teacher_share"] == pytest.approx((ms["b"] - ms["a"]) / ms["a"])
+        assert r["losses_share"] == pytest.approx(r["losses_only_ms"]["median_ms"] / ms["b"], rel=1e-3)
+        assert set(r["paired"]) == {"teacher_share", "machinery_overhead", "adapter_overhead"}
+        res = r["resident_mib"]
+        assert res["a"] == res["plain"] and res["c"] >= res["b"] >= res["a"]
+        assert r["distill_params"] > 0  # FGD's GcBlocks, LGD's adapter and label-guided modules
+    # the teacher's weights are resident only when there is a teacher
+    assert fgd["resident_mib"]["b"] > fgd["resident_mib"]["a"]
+    assert lgd["resident_mib"]["b"] == lgd["resident_mib"]["a"]
+    assert data["teacher_options"] is None
+    assert set(data["target_machinery_met"]) == set(data["target_losses_share_met"]) == {"fgd", "lgd"}
+    assert "machinery (c-b)/b" in (tmp_path / "cost_cpu_t.md").read_text()
+
+
+def test_cost_resident_mib_by_hand():
+    cost = _load("cost")
+    torch = cost.torch
+    trained = [torch.nn.Parameter(torch.zeros(256, 1024))]  # 1 MiB of fp32
+    frozen = [torch.nn.Parameter(torch.zeros(512, 1024))]  # 2 MiB
+    # weights + AdamW's two moments of the trained ones (3 MiB) + the frozen weights (2 MiB)
+    assert cost.resident_mib(trained, frozen) == pytest.approx(5.0)
+
+
+def test_cost_paired_ratio_by_hand():
+    cost = _load("cost")
+    # rounds: 2/1, 3/1, 4/2 -> ratios - 1 = 1, 2, 1; with fewer than 4 rounds the "quartiles" are min and max
+    assert cost.paired_ratio([2.0, 3.0, 4.0], [1.0, 1.0, 2.0]) == {"median": 1.0, "q1": 1.0, "q3": 2.0}
+    # a slow drift that doubles both steps of a round leaves the paired ratio untouched: 10% every round
+    r = cost.paired_ratio([1.1, 2.2, 4.4, 8.8], [1.0, 2.0, 4.0, 8.0])
+    assert r["median"] == pytest.approx(0.1) and r["q1"] == pytest.approx(0.1) and r["q3"] == pytest.approx(0.1)
+
+
+def test_cost_lgd_steady_state_params():
+    cost = _load("cost")
+    from detkd.config import DistillConfig, LossConfig
+
+    dc = DistillConfig(losses=[LossConfig(method="lgd", params={"add_context": True}), LossConfig(method="fgd")])
+    out = cost.steady_state(dc)
+    assert out.losses[0].params == {"add_context": True, "pre_nondistill_steps": 0, "freeze_backbone_steps": 0}
+    assert out.losses[1].params == {} and out.check_first_step is False
+    assert dc.losses[0].params == {"add_context": True}  # the input config is not mutated
+
+
+@pytest.mark.slow
+def test_cost_teacher_options_structure(tmp_path):
+    cost = _load("cost")
+    cost.main(["--size", "128", "--batch", "1", "--boxes", "2", "--repeats", "1", "--warmup", "0", "--methods", "",
+               "--options-method", "fgd", "--no-memory", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "cost_cpu.json").read_text())
+    keys = set(data["teacher_options"]["results"])
+    assert keys == {f"{k}|{p}|{r}" for k in ("step", "teacher") for p in ("fp32", "bf16") for r in ("features", "full")}
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+
+
+def test_paired_delta_and_gap_by_hand():
+    acc = _load("accuracy")
+    d = acc.paired_delta([31.0, 33.0, 32.0], [30.0, 31.0, 32.0])
+    # diffs 1, 2, 0: mean 1, sd 1, half width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.7321 = 2.4843
+    assert d["diffs"] == [1.0, 2.0, 0.0] and d["mean"] == pytest.approx(1.0)
+    assert d["ci95"] == pytest.approx([1 - 2.48434, 1 + 2.48434], abs=1e-4)
+    assert acc.paired_delta([31.0], [30.0])["ci95"] is None  # one seed: no interval
+    assert acc.gap_closed(35.0, 30.0, 40.0) == pytest.approx(0.5)
+    assert acc.gap_closed(29.0, 30.0, 40.0) == pytest.approx(-0.1)
+    assert acc.gap_closed(35.0, 30.0, 29.0) is None  # the teacher is not better: no gap to close
+    s = acc.mean_std([1.0, 2.0, 6.0])
+    assert s["mean"] == pytest.approx(3.0) and s["std"] == pytest.approx(math.sqrt(7.0))
+
+
+def _record(label: str, seed: int, ap: float) -> dict:
+    return {"label": label, "seed": seed, "metrics": {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.05},
+            "steps": 10, "wall_time_s": 1.0, "date": "2026-01-01T00:00:00+00:00", "run_dir": "x"}
+
+
+def test_summary_markdown_and_plot(tmp_path):
+    acc = _load("accuracy")
+    records = {"retinanet": {
+        "teacher": _record("teacher", 0, 0.40),
+        "baseline": {0: _record("b", 0, 0.30), 1: _record("b", 1, 0.32)},
+        "methods": {"fgd": {0: _record("f", 0, 0.34), 1: _record("f", 1, 0.34)}},
+    }}
+    summary = acc.summarize(records, [0, 1])
+    fgd = summary["retinanet"]["methods"]["fgd"]
+    assert fgd["AP"]["mean"] == pytest.approx(34.0)
+    assert fgd["delta"]["AP"]["diffs"] == pytest.approx([4.0, 2.0])
+    assert fgd["gap_closed"] == pytest.approx((34.0 - 31.0) / (40.0 - 31.0))
+    png = acc.plot(summary, tmp_path / "a.png", "test")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    meta = {"machine": {"cpu": "c", "cores": 2, "cores_usable": 2, "torch_threads": 2, "load_avg_1m": 0.0,
+                        "python": "3", "torch": "t", "torchvision": "v", "gpu": None, "device": "cpu"},
+            "commit": "abc", "date": "d", "wall_time_s": 1.0, "command": "python benchmarks/accuracy.py"}
+    md = acc.to_markdown({"meta": meta, "settings": {"dataset": "synth", "seeds": [0, 1], "overrides": []},
+                          "summary": summary, "runs": records, "plot": "a.png"})
+    assert "| fgd (retinanet) | 34.0 ± 0.0 |" in md and "33%" in md and "![AP per method](a.png)" in md
+
+
+def test_recipes_combination_thermal_hash_and_lgd_schedule():
+    acc = _load("accuracy")
+    combo = acc.load_recipe("ld+fgd", "gfl", "synth")
+    assert [lc.method for lc in combo.distill.losses] == ["ld", "kd", "vlr_ld", "fgd"]
+    thermal = acc.load_recipe("fgd", "retinanet", "thermal")
+    assert thermal.data.format == "coco" and thermal.data.root.endswith("thermal/coco")
+    assert thermal.name == "fgd_retinanet_r50_r18_thermal"
+    base = acc.load_recipe(None, "retinanet", "synth")
+    renamed = dataclasses.replace(base, name="other", output_dir="elsewhere")
+    assert acc.config_hash(base) == acc.config_hash(renamed)
+    assert acc.config_hash(base) != acc.config_hash(dataclasses.replace(base, seed=1))
+    lgd = acc.load_recipe("lgd", "retinanet", "synth")
+    lgd = dataclasses.replace(lgd, train=dataclasses.replace(lgd.train, max_steps=90))
+    params = acc.scale_lgd_schedule(lgd).distill.losses[0].params
+    assert params["pre_nondistill_steps"] == 15 and params["freeze_backbone_steps"] == 10
+    # the recipe's own counts (fractions of the recipe's 480 steps) are rescaled to the steps actually run
+    assert lgd.distill.losses[0].params["pre_nondistill_steps"] == 80
+    longer = dataclasses.replace(lgd, train=dataclasses.replace(lgd.train, max_steps=180))
+    assert acc.scale_lgd_schedule(longer).distill.losses[0].params["freeze_backbone_steps"] == 20
+    # teacher overrides do not create a teacher section for runs without one
+    assert acc.with_overrides(base, ["teacher.min_size=64"]).teacher is None
+
+
+@pytest.mark.slow
+def test_accuracy_end_to_end_tiny_and_cached(tmp_path, monkeypatch):
+    acc = _load("accuracy")
+    argv = ["--dataset", "synth", "--methods", "fgd", "--seeds", "1", "--epochs", "1", "--cpu-reduced", "--device",
+            "cpu", "--set", "data.synthetic.num_train=8", "--set", "data.synthetic.num_val=4",
+            "--set", f"data.root={tmp_path / 'synth'}", "--runs-dir", str(tmp_path / "runs"),
+            "--out-dir", str(tmp_path / "res")]
+    payload = acc.main(argv)
+    for suffix in ("json", "md", "png"):
+        assert (tmp_path / "res" / f"accuracy_synth.{suffix}").is_file()
+    assert set(payload["summary"]["retinanet"]["methods"]) == {"fgd"}
+
+    def no_training(cfg):
+        raise AssertionError("a cached run was trained again")
+
+    monkeypatch.setattr("detkd.runner.train_from_config", no_training)
+    again = acc.main(argv)
+    assert again["summary"] == payload["summary"]
