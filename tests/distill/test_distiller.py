@@ -13,6 +13,7 @@ from detkd.distill.distiller import WiringError
 from detkd.distill.teacher import FrozenTeacher
 from detkd.engine.loop import fit
 from detkd.models import build
+from detkd.models.adapters import build_adapter
 
 SIZE = 64
 
@@ -84,8 +85,6 @@ def test_two_iterations_each_method(name, tmp_path):
 
 @pytest.mark.parametrize("family", ["retinanet", "fcos"])
 def test_dense_regression_targets_decode_to_the_matched_boxes(family):
-    from detkd.models.adapters import build_adapter
-
     model = _model(family)
     adapter = build_adapter(model)
     images, targets = _batch()
@@ -229,3 +228,17 @@ def test_lgd_two_iterations_without_teacher(family, tmp_path):
     assert changed
     lines = (tmp_path / family / "metrics.jsonl").read_text()
     assert "distill/lgd" in lines and "tea/" in lines
+
+
+def test_bf16_teacher_returns_float32_close_to_fp32():
+    model = _model("fcos", fpn=32, seed=1)
+    fp32, bf16 = FrozenTeacher(model), FrozenTeacher(copy.deepcopy(model), bf16=True)
+    images, targets = _batch()
+    batch = build_adapter(model).preprocess(images, targets)
+    a = fp32.run(batch, "head")
+    b = bf16.run(batch, "head")
+    for level in a.features:
+        assert b.features[level].dtype == torch.float32
+        rel = (a.features[level] - b.features[level]).norm() / a.features[level].norm()
+        assert rel < 0.05, level  # bf16 keeps ~3 significant digits
+    assert b.head["cls_logits"].dtype == torch.float32
