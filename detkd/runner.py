@@ -13,6 +13,7 @@ from detkd.build import build_distiller, build_model
 from detkd.config import Config, ConfigError
 from detkd.data import build_dataset
 from detkd.data.loader import build_loader
+from detkd.distill.lgd_eval import evaluate_label_guided, label_guided_modules
 from detkd.distill.teacher import FrozenTeacher
 from detkd.engine.distributed import barrier, init_distributed, is_main
 from detkd.engine.loop import fit
@@ -96,6 +97,10 @@ def train_models(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module
                  find_unused_parameters=cfg.train.find_unused_parameters)
     wall = time.perf_counter() - start
     metrics = dict(result.last_metrics or {})
+    for lgd in label_guided_modules(trainable) if is_main() else []:  # LGD's eval_teacher option
+        branch = evaluate_label_guided(trainable, lgd, val_set, batch_size=cfg.eval.batch_size, device=device,
+                                       max_detections=cfg.eval.max_detections)
+        metrics.update({f"lgd_branch/{k}": v for k, v in branch.items()})
     if is_main():
         summary = {"metrics": metrics, "steps": result.steps, "wall_time": wall, "skipped_steps": result.skipped_steps}
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import detkd
-from detkd.config import DataConfig, SynthConfig
+from detkd.config import DataConfig, LossConfig, SynthConfig
 
 
 def _data(tmp_path) -> DataConfig:
@@ -36,7 +36,8 @@ def test_train_teacher_then_distill_from_python(tmp_path):
 
 def test_lgd_from_python_needs_no_teacher(tmp_path):
     student = _build("resnet18", 32)
-    result = detkd.distill(None, student, data=_data(tmp_path), methods=["lgd"], epochs=1,
+    lgd = LossConfig("lgd", params={"eval_teacher": True, "pre_nondistill_steps": 1, "freeze_backbone_steps": 1})
+    result = detkd.distill(None, student, data=_data(tmp_path), methods=[lgd], epochs=1,
                            output_dir=str(tmp_path), name="lgd")
-    assert "AP" in result.metrics
+    assert "AP" in result.metrics and "lgd_branch/AP" in result.metrics  # the label-guided branch, evaluated too
     assert "distill/lgd" in (result.run_dir / "metrics.jsonl").read_text()

@@ -165,8 +165,12 @@ def predict(
     device: str | torch.device,
     max_detections: int = 100,
     progress: bool = False,
+    with_targets: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run ``model`` over ``dataset``; return (gts, preds) in original image coordinates, paired by index."""
+    """Run ``model`` over ``dataset``; return (gts, preds) in original image coordinates, paired by index.
+
+    ``with_targets``: call ``model(images, targets)`` (a detector whose input includes the labels, such as LGD's
+    label-guided branch) instead of ``model(images)``."""
     gts, preds = [], []
     starts = range(0, len(dataset), batch_size)
     bar = _progress(progress, len(starts))
@@ -174,7 +178,11 @@ def predict(
         indices = range(start, min(start + batch_size, len(dataset)))
         samples = [dataset[i] for i in indices]
         images = [s[0].to(device) for s in samples]
-        outputs = model(images)
+        if with_targets:
+            targets = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in s[1].items()} for s in samples]
+            outputs = model(images, targets)
+        else:
+            outputs = model(images)
         for i, sample, out in zip(indices, samples, outputs):
             gt = _ground_truth(dataset, i, sample)
             keep = out["scores"].argsort(descending=True)[:max_detections]
@@ -208,6 +216,7 @@ def evaluate(
     max_detections: int = 100,
     progress: bool = False,
     num_classes: int | None = None,
+    with_targets: bool = False,
 ) -> dict[str, float]:
     """COCO metrics of ``model`` on ``dataset`` (see :func:`coco_metrics`).
 
@@ -222,7 +231,8 @@ def evaluate(
     model.to(device).eval()
     try:
         gts, preds = predict(
-            model, dataset, batch_size=batch_size, device=device, max_detections=max_detections, progress=progress
+            model, dataset, batch_size=batch_size, device=device, max_detections=max_detections, progress=progress,
+            with_targets=with_targets,
         )
     finally:
         model.train(was_training)

@@ -242,3 +242,42 @@ def test_bf16_teacher_returns_float32_close_to_fp32():
         rel = (a.features[level] - b.features[level]).norm() / a.features[level].norm()
         assert rel < 0.05, level  # bf16 keeps ~3 significant digits
     assert b.head["cls_logits"].dtype == torch.float32
+
+
+def test_detect_from_own_features_equals_detect():
+    for family in ("fcos", "faster_rcnn"):
+        model = _model(family).eval()
+        adapter = build_adapter(model)
+        images, _ = _batch()
+        batch = adapter.preprocess(images)
+        feats = adapter.run(batch, stage="features").features
+        with torch.no_grad():
+            a, b = adapter.detect(images), adapter.detect_from_features(batch, feats)
+        for x, y in zip(a, b):
+            assert torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["labels"], y["labels"])
+
+
+def test_lgd_label_guided_branch_is_evaluated(tmp_path):
+    from detkd.config import DataConfig, SynthConfig
+    from detkd.data import build_dataset
+    from detkd.distill.lgd_eval import LabelGuidedDetector, evaluate_label_guided, label_guided_modules
+
+    data = DataConfig(format="synthetic", root=str(tmp_path / "s"),
+                      synthetic=SynthConfig(num_train=2, num_val=3, image_size=64, max_objects=3, seed=3))
+    val = build_dataset(data, "val", train=False)
+    student = build("retinanet", backbone="resnet18", num_classes=val.num_classes, fpn_channels=32, head_convs=1,
+                    min_size=SIZE, max_size=SIZE)
+    params = {"eval_teacher": True, "pre_nondistill_steps": 0, "freeze_backbone_steps": 0}
+    d = build_distiller(student, None, DistillConfig(losses=[LossConfig("lgd", params=params)]),
+                        num_classes=val.num_classes)
+    (lgd,) = label_guided_modules(d)
+    metrics = evaluate_label_guided(d, lgd, val, batch_size=2, device="cpu")
+    assert {"AP", "AP50", "AP75"} <= set(metrics)
+    # the branch really reads the labels: different boxes give a different pyramid and different detections
+    images, targets = [val[0][0]], [val[0][1]]
+    moved = [{**targets[0], "boxes": torch.tensor([[1.0, 1.0, 20.0, 20.0]]).expand_as(targets[0]["boxes"])}]
+    student.score_thresh = 0.0  # an untrained head scores below torchvision's 0.05: keep every candidate
+    with torch.no_grad():
+        det = LabelGuidedDetector(d, lgd).eval()
+        a, b = det(images, targets), det(images, moved)
+    assert not torch.equal(a[0]["scores"], b[0]["scores"])

@@ -134,8 +134,20 @@ class DetectorAdapter:
     def head_losses(self, features: dict[str, Tensor], like: DetOutputs) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _detect_batch(self, batch: PreparedBatch) -> list[dict[str, Tensor]]:
+    def _detect_batch(self, batch: PreparedBatch, raw: OrderedDict[str, Tensor] | None = None) -> list[dict]:
+        """Detections in network-input coordinates from the backbone's pyramid (or ``raw``, keyed like it)."""
         raise NotImplementedError
+
+    def detect_from_features(self, batch: PreparedBatch, features: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """This model's heads and post-processing run on another pyramid (by level name) with ``batch``'s geometry;
+        detections in original image coordinates. Used to evaluate LGD's label-guided branch."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            detections = self._detect_batch(batch, self._to_raw(features))
+            return self.model.transform.postprocess(detections, batch.images.image_sizes, batch.original_sizes)
+        finally:
+            self.model.train(was_training)
 
     def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections in original image coordinates, equal to ``model(images)`` in eval mode.
@@ -217,11 +229,15 @@ class DenseAdapter(DetectorAdapter):
         feats = same_geometry(features, like)
         return self._losses(like, self.model.head(feats))[0]
 
-    def _detect_batch(self, batch: PreparedBatch) -> list[dict[str, Tensor]]:
-        out = self.run(batch, "head")
-        split = {k: list(v.split(out.level_sizes, dim=1)) for k, v in out.extras["raw_head"].items()}
-        anchors = [list(a.split(out.level_sizes)) for a in out.extras["anchor_list"]]
-        return self.model.postprocess_detections(split, anchors, batch.images.image_sizes)
+    def _detect_batch(self, batch: PreparedBatch, raw: OrderedDict[str, Tensor] | None = None) -> list[dict]:
+        feats = list((self._backbone(batch) if raw is None else raw).values())
+        raw_head = self.model.head(feats)
+        anchors = self.model.anchor_generator(batch.images, feats)
+        hw = [f.shape[-2] * f.shape[-1] for f in feats]
+        sizes = [n * (raw_head["cls_logits"].shape[1] // sum(hw)) for n in hw]
+        split = {k: list(v.split(sizes, dim=1)) for k, v in raw_head.items()}
+        return self.model.postprocess_detections(split, [list(a.split(sizes)) for a in anchors],
+                                                 batch.images.image_sizes)
 
 
 def _check_targets(targets: list[dict[str, Tensor]], num_classes: int) -> None:

@@ -146,8 +146,8 @@ class FasterRCNNAdapter(DetectorAdapter):
         objectness, deltas, anchors, per_level = self._rpn_head(raw, images)
         return self._losses(raw, images, like.targets, objectness, deltas, anchors, per_level)[0]
 
-    def _detect_batch(self, batch: PreparedBatch) -> list[dict[str, Tensor]]:
-        raw = self._backbone(batch)
+    def _detect_batch(self, batch: PreparedBatch, raw: OrderedDict[str, Tensor] | None = None) -> list[dict]:
+        raw = self._backbone(batch) if raw is None else raw
         proposals, _ = self.model.rpn(batch.images, raw)
         detections, _ = self.model.roi_heads(raw, proposals, batch.images.image_sizes)
         return detections
