@@ -317,15 +317,15 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
         errs = [s["std"] or 0.0 for s in stats]
         colors = ["#9e9e9e"] + ["#1f77b4"] * (len(names) - 1)
         bars = ax.bar(range(len(names)), means, yerr=errs, capsize=4, color=colors)
-        for bar, m in zip(bars, means):
-            ax.text(bar.get_x() + bar.get_width() / 2, m, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+        for bar, m, e in zip(bars, means, errs):  # above the error bar, so the two never overlap
+            ax.text(bar.get_x() + bar.get_width() / 2, m + e + 0.3, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
         ax.axhline(fam["teacher"]["AP"], color="#d62728", linestyle="--", label=f"teacher {fam['teacher']['AP']:.1f}")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_title(family)
         ax.set_ylabel("COCO AP (x100)")
         ax.legend(loc="lower right", fontsize=8)
         top = max([fam["teacher"]["AP"], *(m + e for m, e in zip(means, errs))])
-        ax.set_ylim(0, top * 1.15 + 1e-6)
+        ax.set_ylim(0, max(top * 1.15, 1.0))  # an untrained run (AP 0) still gets a readable axis
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -31,6 +31,8 @@ import argparse
 import ctypes
 import dataclasses
 import gc
+import json
+import os
 import statistics
 import sys
 import time
@@ -44,12 +46,14 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    RESULTS_DIR,
     command_line,
     interleaved,
     md_meta,
     md_table,
     meta,
     method_family,
+    now_iso,
     recipe_path,
     resolve_device,
     set_threads,
@@ -353,33 +357,51 @@ def _teacher_only(setup: Setup, distiller: Distiller, stage: str) -> Callable[[]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every method, then the teacher options. Each finished part is saved to ``<stem>.partial.json`` at once;
+    ``--resume`` keeps the parts found there (each method is interleaved within itself, so parts may come from
+    different processes: every part records its own date and machine load)."""
     device = resolve_device(args.device)
     amp = {"off": None, "bf16": torch.bfloat16}[args.amp] if args.amp != "auto" else (
         torch.bfloat16 if device.type == "cuda" else None)
-    methods: dict[str, dict] = {}
+    partial = (Path(args.out_dir) if args.out_dir else RESULTS_DIR) / f"cost_{device.type}{args.tag}.partial.json"
+    done = json.loads(partial.read_text()) if args.resume and partial.is_file() else {"methods": {}}
+    methods: dict[str, dict] = done["methods"]
     for method in args.methods:
-        setup = build_setup(method, args.family, args, device)
-        methods[method] = bench_method(setup, args, device, amp)
+        if method not in methods:
+            setup = build_setup(method, args.family, args, device)
+            methods[method] = {**bench_method(setup, args, device, amp), "date": now_iso(), "load": _load()}
+            _save_partial(partial, done)
+            del setup
+            gc.collect()
         print(f"{method}: " + ", ".join(f"{v} {methods[method]['step_ms'][v]['median_ms']:.1f} ms" for v in VARIANTS),
               flush=True)
-        del setup
-        gc.collect()
-    options = None
-    if args.options_method:
+    if args.options_method and done.get("teacher_options") is None:
         setup = build_setup(args.options_method, args.family, args, device)
         if setup.teacher_model is None:
             raise SystemExit(f"--options-method {args.options_method}: the method has no teacher")
-        options = {"method": args.options_method, "family": setup.family, "results": teacher_options(
-            setup, args, device, amp)}
+        done["teacher_options"] = {"method": args.options_method, "family": setup.family, "date": now_iso(),
+                                   "results": teacher_options(setup, args, device, amp)}
+        _save_partial(partial, done)
+    partial.unlink(missing_ok=True)
     return {
         "settings": {"size": args.size, "batch": args.batch, "boxes": args.boxes, "amp": str(amp),
                      "repeats": args.repeats, "warmup": args.warmup, "dataset_recipes": args.dataset,
                      "family": args.family},
-        "methods": methods,
-        "teacher_options": options,
-        "target_machinery_met": {m: r["paired"]["machinery_overhead"]["median"] <= 0.05 for m, r in methods.items()},
-        "target_losses_share_met": {m: r["losses_share"] <= 0.05 for m, r in methods.items()},
+        "methods": {m: methods[m] for m in args.methods},
+        "teacher_options": done.get("teacher_options") if args.options_method else None,
+        "target_machinery_met": {m: methods[m]["paired"]["machinery_overhead"]["median"] <= 0.05
+                                 for m in args.methods},
+        "target_losses_share_met": {m: methods[m]["losses_share"] <= 0.05 for m in args.methods},
     }
+
+
+def _load() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def _save_partial(path: Path, done: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(done, indent=1))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -467,6 +489,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--options-method", default="fgd", help="method of the teacher-options table ('' to skip)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurements")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--resume", action="store_true", help="keep the parts saved by an interrupted run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
     p.add_argument("--tag", default="", help="suffix of the result file names (cost_<device><tag>)")

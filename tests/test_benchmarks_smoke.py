@@ -138,7 +138,6 @@ def test_cost_lgd_steady_state_params():
     assert dc.losses[0].params == {"add_context": True}  # the input config is not mutated
 
 
-@pytest.mark.slow
 def test_cost_teacher_options_structure(tmp_path):
     cost = _load("cost")
     cost.main(["--size", "128", "--batch", "1", "--boxes", "2", "--repeats", "1", "--warmup", "0", "--methods", "",

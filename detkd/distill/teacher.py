@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -35,8 +33,9 @@ class FrozenTeacher:
         return self
 
     def _autocast(self, device_type: str):
+        # explicit either way: an fp32 teacher must stay fp32 inside the training loop's own bf16 autocast
         if not self.bf16:
-            return contextlib.nullcontext()
+            return torch.autocast(device_type=device_type, enabled=False)
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
     @torch.no_grad()

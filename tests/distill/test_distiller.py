@@ -281,3 +281,12 @@ def test_lgd_label_guided_branch_is_evaluated(tmp_path):
         det = LabelGuidedDetector(d, lgd).eval()
         a, b = det(images, targets), det(images, moved)
     assert not torch.equal(a[0]["scores"], b[0]["scores"])
+
+
+def test_fp32_teacher_stays_fp32_inside_a_bf16_training_autocast():
+    model = _model("fcos", fpn=32, seed=1)
+    images, targets = _batch()
+    batch = build_adapter(model).preprocess(images, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = FrozenTeacher(model).run(batch, "features")
+    assert all(f.dtype == torch.float32 for f in out.features.values())
