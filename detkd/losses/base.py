@@ -15,6 +15,13 @@ from torch import Tensor, nn
 from detkd.structures import DetOutputs, FeatureSpec
 
 
+def check_params(owner: str, params: dict, known: tuple[str, ...] | list[str]) -> None:
+    """Raise TypeError naming every parameter of ``params`` that ``owner`` does not take."""
+    unknown = set(params) - set(known)
+    if unknown:
+        raise TypeError(f"{owner}: unknown param(s) {sorted(unknown)} (known: {', '.join(known)})")
+
+
 class DistillLoss(nn.Module):
     #: registry name used in configs (``method: cwd``)
     name: ClassVar[str] = ""

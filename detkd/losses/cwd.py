@@ -17,7 +17,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkd.losses.base import DistillLoss
+from detkd.losses.base import DistillLoss, check_params
 from detkd.models.connectors import make_connector
 from detkd.structures import DetOutputs, FeatureSpec
 
@@ -77,9 +77,7 @@ class CWDLoss(DistillLoss):
         **params: Any,
     ):
         super().__init__(levels, student_specs, teacher_specs)
-        unknown = set(params) - {"tau", "form", "source", "align"}
-        if unknown:
-            raise TypeError(f"CWDLoss: unknown param(s) {sorted(unknown)} (known: tau, form, source, align)")
+        check_params("CWDLoss", params, ("tau", "form", "source", "align"))
         self.tau = float(params.get("tau", 1.0))
         self.form = params.get("form", "kl")
         self.source = params.get("source", "features")

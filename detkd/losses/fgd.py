@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkd.losses.base import DistillLoss
+from detkd.losses.base import DistillLoss, check_params
 from detkd.models.connectors import Connector, make_connector
 from detkd.regions.fgd import fgd_masks_levels
 from detkd.structures import DetOutputs, FeatureSpec
@@ -143,9 +143,7 @@ class FGDLoss(DistillLoss):
         **params: Any,
     ):
         super().__init__(levels, student_specs, teacher_specs)
-        unknown = set(params) - set(_PARAMS)
-        if unknown:
-            raise TypeError(f"FGDLoss: unknown param(s) {sorted(unknown)} (known: {', '.join(_PARAMS)})")
+        check_params("FGDLoss", params, list(_PARAMS))
         cfg = {**_PARAMS, **params}
         self.temp = float(cfg["temp"])
         self.weights = {

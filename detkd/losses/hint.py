@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from detkd.losses.base import DistillLoss
+from detkd.losses.base import DistillLoss, check_params
 from detkd.models.connectors import make_connector
 from detkd.structures import DetOutputs, FeatureSpec
 
@@ -76,9 +76,7 @@ class HintLoss(DistillLoss):
         **params: Any,
     ):
         super().__init__(levels, student_specs, teacher_specs)
-        unknown = set(params) - {"norm", "reduction"}
-        if unknown:
-            raise TypeError(f"HintLoss: unknown param(s) {sorted(unknown)} (known: norm, reduction)")
+        check_params("HintLoss", params, ("norm", "reduction"))
         self.norm = params.get("norm", "l2")
         self.reduction = params.get("reduction", "sum_per_image")
         if self.norm not in _NORMS or self.reduction not in _REDUCTIONS:
