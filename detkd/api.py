@@ -8,21 +8,14 @@ from pathlib import Path
 from torch import nn
 
 from detkd.config import Config, DataConfig, DistillConfig, LossConfig, TrainConfig
+from detkd.losses.fgd import FGD_DEFAULTS
 from detkd.runner import RunResult, train_models
-
-# Official per-method defaults (docs/methods.md) used when ``methods`` names a method without parameters.
-_FGD = {
-    "retinanet": {"temp": 0.5, "alpha_fgd": 1e-3, "beta_fgd": 5e-4, "gamma_fgd": 5e-4, "lambda_fgd": 5e-6},
-    "gfl": {"temp": 0.5, "alpha_fgd": 1e-3, "beta_fgd": 5e-4, "gamma_fgd": 5e-4, "lambda_fgd": 5e-6},
-    "faster_rcnn": {"temp": 0.5, "alpha_fgd": 5e-5, "beta_fgd": 2.5e-5, "gamma_fgd": 5e-5, "lambda_fgd": 5e-7},
-    "fcos": {"temp": 0.8, "alpha_fgd": 1.6e-3, "beta_fgd": 8e-4, "gamma_fgd": 8e-4, "lambda_fgd": 8e-6},
-}
 
 
 def default_losses(method: str, family: str) -> list[LossConfig]:
     """The loss list a method name stands for, with the official weights for ``family``."""
     if method == "fgd":
-        return [LossConfig("fgd", params=dict(_FGD[family]))]
+        return [LossConfig("fgd", params=dict(FGD_DEFAULTS[family]))]  # official per detector
     if method == "cwd":
         return [LossConfig("cwd", weight=10.0, params={"tau": 1.0})]
     if method == "hint":

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from detkd.losses.fgd import FGD_DEFAULTS  # official per-detector FGD hyper-parameters (methods.md §3.2)
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "configs"
 
@@ -38,13 +40,6 @@ DATASETS = {
 }
 
 # ----------------------------------------------------------------------------------------------- methods
-# Official hyper-parameters (docs/methods.md). FGD's differ per detector (§3.2).
-FGD = {
-    "retinanet": {"temp": 0.5, "alpha_fgd": 1e-3, "beta_fgd": 5e-4, "gamma_fgd": 5e-4, "lambda_fgd": 5e-6},
-    "gfl": {"temp": 0.5, "alpha_fgd": 1e-3, "beta_fgd": 5e-4, "gamma_fgd": 5e-4, "lambda_fgd": 5e-6},
-    "faster_rcnn": {"temp": 0.5, "alpha_fgd": 5e-5, "beta_fgd": 2.5e-5, "gamma_fgd": 5e-5, "lambda_fgd": 5e-7},
-    "fcos": {"temp": 0.8, "alpha_fgd": 1.6e-3, "beta_fgd": 8e-4, "gamma_fgd": 8e-4, "lambda_fgd": 8e-6},
-}
 DENSE_LEVELS = ["p3", "p4", "p5", "p6", "p7"]
 TWO_STAGE_LEVELS = ["p2", "p3", "p4", "p5"]  # FGD and CWD on Faster R-CNN: the max-pooled P6 is not distilled
 
@@ -67,7 +62,7 @@ def method_losses(method: str, family: str, dataset: str = "synth") -> tuple[lis
     if method == "cwd":
         return [{"method": "cwd", "weight": 10.0, "levels": levels(family), "params": {"tau": 1.0}}], {}
     if method == "fgd":
-        return [{"method": "fgd", "weight": 1.0, "levels": levels(family), "params": dict(FGD[family])}], {}
+        return [{"method": "fgd", "weight": 1.0, "levels": levels(family), "params": dict(FGD_DEFAULTS[family])}], {}
     if method == "hint":
         lv = ["p2", "p3", "p4"] if family == "faster_rcnn" else ["p3", "p4", "p5"]
         return [{"method": "hint", "weight": 0.5, "levels": lv, "params": {"norm": "l2"}}], {}
