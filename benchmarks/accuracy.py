@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -36,8 +37,6 @@ from common import (  # noqa: E402
     command_line,
     git_commit,
     machine_info,
-    md_meta,
-    md_table,
     meta,
     method_family,
     now_iso,
@@ -45,22 +44,25 @@ from common import (  # noqa: E402
     set_threads,
     write_results,
 )
+from report import METRICS, accuracy_markdown, accuracy_plot  # noqa: E402
+from report import pct100 as _metric  # noqa: E402
 
 from detkd.config import Config, DataConfig, apply_override, load_config, to_dict  # noqa: E402
 
 DEFAULT_METHODS = ("cwd", "fgd", "hint", "ld", "chen", "lgd", "ld_fgd")
-METRICS = ("AP", "AP50", "AP75")
 #: t_{0.975, df} for df = 1..30 (two-sided 95%); larger df use 1.96
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-#: --cpu-reduced: a schedule two shared CPU cores finish in minutes; numbers from it show the harness works, they
-#: are not converged results
+#: --cpu-reduced: schedules two CPU cores finish in a session. synth = the full ``detkd demo`` plan (96 px, 200 train /
+#: 150 val images, 500 steps of batch 8), where the from-scratch ResNet-50 teacher is clearly ahead of the ResNet-18
+#: student; bccd / thermal: 256 px, 6 epochs. Short, from scratch: not converged results.
+SYNTH_CPU = ["data.synthetic.num_train=200", "data.synthetic.num_val=150", "data.synthetic.image_size=96",
+             "data.root=.cache/detkd/synthetic_cpu"]
 REDUCED = {
-    "synth": ["data.synthetic.num_train=64", "data.synthetic.num_val=32", "data.synthetic.image_size=128",
-              "data.root=.cache/detkd/synthetic_reduced", "model.min_size=128", "model.max_size=128",
-              "teacher.min_size=128", "teacher.max_size=128", "train.epochs=3", "train.warmup_steps=10"],
+    "synth": [*SYNTH_CPU, *(f"{m}.{k}=96" for m in ("model", "teacher") for k in ("min_size", "max_size")),
+              "train.epochs=20", "train.warmup_steps=20"],
     "bccd": ["model.min_size=256", "model.max_size=256", "teacher.min_size=256", "teacher.max_size=256",
-             "train.epochs=4", "train.warmup_steps=20"],
+             "train.epochs=6", "train.warmup_steps=20"],
 }
 REDUCED["thermal"] = REDUCED["bccd"]
 
@@ -118,6 +120,15 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def scale_losses(cfg: Config, scales: dict[str, float]) -> Config:
+    """Multiply the weight of every loss term of method ``m`` by ``scales[m]`` (``--scale fgd=0.01``): FGD's
+    official weights assume pretrained features; from scratch its terms start ~300x the task loss."""
+    if cfg.distill is None or not scales:
+        return cfg
+    losses = [dataclasses.replace(lc, weight=lc.weight * scales.get(lc.method, 1.0)) for lc in cfg.distill.losses]
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, losses=losses))
+
+
 def steps_per_epoch(cfg: Config) -> int:
     from detkd.data import build_dataset
 
@@ -152,15 +163,19 @@ def run_cached(cfg: Config, label: str, runs_dir: Path, dataset: str) -> dict[st
     name = f"{dataset}_{label}_{key}"
     cfg = dataclasses.replace(cfg, name=name, output_dir=str(runs_dir))
     record_file = runs_dir / name / "bench.json"
-    if record_file.is_file() and (runs_dir / name / "last.pt").is_file():
-        return json.loads(record_file.read_text())
-    print(f"[accuracy] training {name} (seed {cfg.seed})", flush=True)
-    result = train_from_config(cfg)
-    record = {"label": label, "run_dir": str(result.run_dir), "seed": cfg.seed, "metrics": result.metrics,
-              "steps": result.steps, "wall_time_s": round(result.wall_time, 1), "date": now_iso(), "hash": key,
-              "skipped_steps": result.skipped_steps, "commit": git_commit(), "machine": _machine(cfg.train.device)}
-    record_file.write_text(json.dumps(record, indent=2))
-    return record
+    # processes splitting a study (--only-seeds, --methods) may need the same run (a baseline, a teacher): the first
+    # trains it under an exclusive lock, the others wait for it and read its record
+    with (runs_dir / f".{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if record_file.is_file() and (runs_dir / name / "last.pt").is_file():
+            return json.loads(record_file.read_text())
+        print(f"[accuracy] training {name} (seed {cfg.seed})", flush=True)
+        result = train_from_config(cfg)
+        record = {"label": label, "run_dir": str(result.run_dir), "seed": cfg.seed, "metrics": result.metrics,
+                  "steps": result.steps, "wall_time_s": round(result.wall_time, 1), "date": now_iso(), "hash": key,
+                  "skipped_steps": result.skipped_steps, "commit": git_commit(), "machine": _machine(cfg.train.device)}
+        record_file.write_text(json.dumps(record, indent=2))
+        return record
 
 
 def _machine(device: str) -> str:
@@ -177,7 +192,7 @@ def student_config(method: str | None, family: str, args: argparse.Namespace, te
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(
             cfg.teacher, weights=str(Path(teacher_run["run_dir"]) / "last.pt")))
     cfg = dataclasses.replace(cfg, seed=seed)
-    return scale_lgd_schedule(cfg)
+    return scale_lgd_schedule(scale_losses(cfg, args.scales))
 
 
 def study(args: argparse.Namespace) -> dict[str, Any]:
@@ -229,11 +244,6 @@ def gap_closed(ap_method: float, ap_base: float, ap_teacher: float) -> float | N
     return (ap_method - ap_base) / gap if gap > 1e-9 else None
 
 
-def _metric(record: dict, key: str) -> float:
-    value = record["metrics"].get(key, float("nan"))
-    return 100.0 * value if value == value else float("nan")
-
-
 def summarize(records: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
     """Per family: teacher, baseline and every method with mean ± std, paired deltas and gap closed."""
     out: dict[str, Any] = {}
@@ -252,87 +262,6 @@ def summarize(records: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ report
-
-
-def _ms(s: dict) -> str:
-    return f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["std"] is not None else "")
-
-
-def _delta(d: dict) -> str:
-    ci = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
-    return f"{d['mean']:+.1f}{ci}"
-
-
-def to_markdown(payload: dict[str, Any]) -> str:
-    rows = []
-    for family, fam in payload["summary"].items():
-        t = fam["teacher"]
-        rows.append([f"teacher R50 ({family})", *(f"{t[k]:.1f}" for k in METRICS), "", "", ""])
-        rows.append([f"baseline R18 ({family})", *(_ms(fam["baseline"][k]) for k in METRICS), "", "", ""])
-        for method, r in fam["methods"].items():
-            gap = r["gap_closed"]
-            rows.append([f"{method} ({family})", *(_ms(r[k]) for k in METRICS), _delta(r["delta"]["AP"]),
-                         _delta(r["delta"]["AP50"]), "n/a" if gap is None else f"{100 * gap:.0f}%"])
-    s = payload["settings"]
-    return "\n\n".join([
-        f"# Accuracy gain on {s['dataset']}",
-        md_meta(payload["meta"]),
-        f"Seeds {s['seeds']}; overrides applied to every run: `{' '.join(s['overrides']) or 'none'}`. COCO AP x100, "
-        "mean ± std over seeds; Δ = paired difference to the baseline of the same family and seed, mean [95% "
-        "t-interval]; gap closed = (AP_distilled − AP_student) / (AP_teacher − AP_student) with seed means "
-        "(n/a when the teacher is not better). Teachers are trained once per family (seed 0).",
-        md_table(["run", "AP", "AP50", "AP75", "Δ AP [95% CI]", "Δ AP50 [95% CI]", "gap closed"], rows),
-        f"![AP per method]({payload['plot']})" if payload.get("plot") else "",
-        "## Runs\n\n" + md_table(["run", "seed", "AP", "steps", "wall s", "date", "commit", "machine"],
-                                 _run_rows(payload["runs"])),
-    ])
-
-
-def _run_rows(records: dict[str, Any]) -> list[list]:
-    rows = []
-    for rec in records.values():
-        runs = [rec["teacher"], *rec["baseline"].values(), *(r for m in rec["methods"].values() for r in m.values())]
-        rows += [[r["label"], r["seed"], f"{_metric(r, 'AP'):.1f}", r["steps"], r["wall_time_s"], r["date"],
-                  r.get("commit", "?"), r.get("machine", "?")] for r in runs]
-    return rows
-
-
-def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
-    """Bar chart of AP (mean ± std) per family: baseline, methods; the teacher as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fams = list(summary)
-    widths = [1 + len(summary[f]["methods"]) for f in fams]
-    fig, axes = plt.subplots(1, len(fams), figsize=(1.0 + 1.1 * sum(widths), 4.2), squeeze=False,
-                             gridspec_kw={"width_ratios": widths})
-    for ax, family in zip(axes[0], fams):
-        fam = summary[family]
-        names = ["baseline", *fam["methods"]]
-        stats = [fam["baseline"]["AP"], *(r["AP"] for r in fam["methods"].values())]
-        means = [s["mean"] for s in stats]
-        errs = [s["std"] or 0.0 for s in stats]
-        colors = ["#9e9e9e"] + ["#1f77b4"] * (len(names) - 1)
-        bars = ax.bar(range(len(names)), means, yerr=errs, capsize=4, color=colors)
-        for bar, m, e in zip(bars, means, errs):  # above the error bar, so the two never overlap
-            ax.text(bar.get_x() + bar.get_width() / 2, m + e + 0.3, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
-        ax.axhline(fam["teacher"]["AP"], color="#d62728", linestyle="--", label=f"teacher {fam['teacher']['AP']:.1f}")
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_title(family)
-        ax.set_ylabel("COCO AP (x100)")
-        ax.legend(loc="lower right", fontsize=8)
-        top = max([fam["teacher"]["AP"], *(m + e for m, e in zip(means, errs))])
-        ax.set_ylim(0, max(top * 1.15, 1.0))  # an untrained run (AP 0) still gets a readable axis
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="synth", choices=["synth", "bccd", "thermal"])
@@ -346,11 +275,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="train.device of every run: auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--set", dest="extra", action="append", default=[], help="override for every run, key=value")
+    p.add_argument("--scale", dest="scale", action="append", default=[], metavar="METHOD=FACTOR",
+                   help="multiply the weights of METHOD's loss terms by FACTOR (e.g. fgd=0.01)")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
     p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
     p.add_argument("--tag", default="", help="suffix of the result file names (accuracy_<dataset><tag>)")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    try:
+        args.scales = {k: float(v) for k, v in (item.split("=", 1) for item in args.scale)}
+    except ValueError:
+        p.error(f"--scale takes METHOD=FACTOR, got {args.scale}")
     args.seed_list = (list(range(args.seeds)) if args.only_seeds is None
                       else [int(s) for s in args.only_seeds.split(",") if s])
     overrides = list(REDUCED[args.dataset]) if args.cpu_reduced else []
@@ -375,18 +310,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     payload: dict[str, Any] = {
         "meta": meta(device, time.perf_counter() - start, command_line(argv_full)),
         "settings": {"dataset": args.dataset, "family": args.family, "methods": args.methods,
-                     "seeds": args.seed_list, "overrides": args.overrides},
+                     "seeds": args.seed_list, "overrides": args.overrides, "scales": args.scales},
         "summary": summarize(records, args.seed_list),
         "runs": records,
     }
     out_dir = Path(args.out_dir) if args.out_dir is not None else ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"accuracy_{args.dataset}{args.tag}"
-    png = plot(payload["summary"], out_dir / f"{stem}.png", f"{args.dataset}: AP of the R18 student, "
+    png = accuracy_plot(payload["summary"], out_dir / f"{stem}.png", f"{args.dataset}: AP of the R18 student, "
                f"{len(args.seed_list)} seed(s)")
     payload["plot"] = png.name
-    json_path, md_path = write_results(stem, payload, to_markdown(payload), out_dir)
-    print(to_markdown(payload))
+    json_path, md_path = write_results(stem, payload, accuracy_markdown(payload), out_dir)
+    print(accuracy_markdown(payload))
     print(f"\nwrote {json_path}, {md_path} and {png}")
     return payload
 

@@ -49,8 +49,6 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     command_line,
     interleaved,
-    md_meta,
-    md_table,
     meta,
     method_family,
     now_iso,
@@ -61,6 +59,7 @@ from common import (  # noqa: E402
     synchronize,
     write_results,
 )
+from report import VARIANTS, cost_markdown  # noqa: E402
 
 from detkd.build import build_distiller, build_model  # noqa: E402
 from detkd.config import Config, DistillConfig, load_config  # noqa: E402
@@ -70,7 +69,6 @@ from detkd.models.adapters import build_adapter  # noqa: E402
 
 DEFAULT_METHODS = ("cwd", "fgd", "hint", "ld", "ld_fgd", "chen", "lgd")
 NUM_CLASSES = 3
-VARIANTS = ("plain", "a", "b", "c")
 
 
 class StageTeacher(FrozenTeacher):
@@ -404,75 +402,6 @@ def _save_partial(path: Path, done: dict) -> None:
     path.write_text(json.dumps(done, indent=1))
 
 
-# ------------------------------------------------------------------------------------------------ report
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:+.1f}%"
-
-
-def _mib(x: float | None) -> str | None:
-    return None if x is None else f"{x:,.0f}"
-
-
-def to_markdown(payload: dict[str, Any]) -> str:
-    s = payload["settings"]
-    rows = []
-    for name, r in payload["methods"].items():
-        ms = {v: r["step_ms"][v]["median_ms"] for v in VARIANTS}
-        peak, res = r["step_peak_mib"], r["resident_mib"]
-        family = f"{r['family']} ({r['teacher_stage'] or 'no teacher'})"
-        pm = r["paired"]["machinery_overhead"]
-        rows.append([name, family, *(f"{ms[v]:,.1f}" for v in VARIANTS),
-                     _pct(r["teacher_share"]), _pct(r["machinery_overhead"]),
-                     f"{_pct(pm['median'])} [{_pct(pm['q1'])}, {_pct(pm['q3'])}]",
-                     f"{r['losses_only_ms']['median_ms']:,.1f} ({100 * r['losses_share']:.1f}%)",
-                     _pct(r["adapter_overhead"]),
-                     " / ".join(_mib(peak[v]) or "n/a" for v in ("a", "b", "c")),
-                     " / ".join(_mib(res[v]) for v in ("a", "b", "c"))])
-    headers = ["method", "family (teacher stage)", "plain ms", "a ms", "b ms", "c ms", "teacher (b-a)/a",
-               "machinery (c-b)/b", "machinery per round [IQR]", "loss modules ms (% of b)", "adapter (a-plain)/plain",
-               "step peak MiB a / b / c",
-               "resident MiB a / b / c"]
-    met = [m for m, ok in payload["target_machinery_met"].items() if ok]  # on the paired medians
-    missed = [m for m, ok in payload["target_machinery_met"].items() if not ok]
-    lmet = [m for m, ok in payload["target_losses_share_met"].items() if ok]
-    lmissed = [m for m, ok in payload["target_losses_share_met"].items() if not ok]
-    parts = [
-        f"# Cost of distillation per training step ({payload['meta']['machine']['device']})",
-        md_meta(payload["meta"]),
-        f"Student R18-FPN64 (2 head convs), teacher R50-FPN128 (4 head convs), random weights, batch {s['batch']} of "
-        f"{s['size']}x{s['size']} px with {s['boxes']} boxes per image, 3 classes, autocast {s['amp']}; method "
-        f"hyper-parameters from `configs/*_{s['dataset_recipes']}.yaml`. Medians of {s['repeats']} interleaved steps "
-        f"after {s['warmup']} warm-up rounds. plain = `model(images, targets)`; a = student through its adapter; "
-        "b = a + teacher forward (as far as the method needs); c = full Distiller step. Step peak = peak memory of "
-        "one step above what was resident before it; resident = weights + AdamW state (+ frozen teacher weights). "
-        "Machinery per round = median over rounds of c_r / b_r - 1 (steps run back to back) with its quartiles. "
-        "Loss modules = forward + backward of the configured loss modules alone on fixed outputs of one batch (the "
-        "loss part of c - b, timed in the same rounds).",
-        md_table(headers, rows),
-        f"Machinery target (c-b)/b <= 5% (per-round median): met by {', '.join(met) or 'none'}; missed by "
-        f"{', '.join(missed) or 'none'}. Loss modules alone <= 5% of b: met by {', '.join(lmet) or 'none'}; missed "
-        f"by {', '.join(lmissed) or 'none'}.",
-    ]
-    if payload.get("teacher_options"):
-        parts += _options_md(payload["teacher_options"])
-    return "\n\n".join(parts)
-
-
-def _options_md(opt: dict[str, Any]) -> list[str]:
-    res = opt["results"]
-    rows = [[f"{precision} teacher, {reach}", res[f"teacher|{precision}|{reach}"]["median_ms"],
-             res[f"step|{precision}|{reach}"]["median_ms"]]
-            for precision in ("fp32", "bf16") for reach in ("features", "full")]
-    return [
-        f"## Teacher options ({opt['method']} on {opt['family']})",
-        "features = the teacher stops after the FPN (what the method needs); full = it also runs its dense head. "
-        "bf16 = the teacher runs under bf16 autocast (FrozenTeacher(bf16=True)).",
-        md_table(["teacher", "teacher forward ms", "full distillation step ms"], rows),
-    ]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -505,8 +434,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = run(args)
     argv_full = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     payload = {"meta": meta(args.device, time.perf_counter() - start, command_line(argv_full)), **payload}
-    json_path, md_path = write_results(f"cost_{args.device}{args.tag}", payload, to_markdown(payload), args.out_dir)
-    print(to_markdown(payload))
+    json_path, md_path = write_results(f"cost_{args.device}{args.tag}", payload, cost_markdown(payload), args.out_dir)
+    print(cost_markdown(payload))
     print(f"\nwrote {json_path} and {md_path}")
     return payload
 

@@ -50,8 +50,10 @@ class DemoPlan:
     batch_size: int
 
 
-# Sized for a 2-core CPU: the full demo (teacher, student, distilled student) stays within ~15 minutes.
-FULL = DemoPlan(SynthConfig(num_train=200, num_val=60, image_size=96, max_objects=6, seed=0), 96, 10, 10, 8)
+# Sized for a 2-core CPU: the full demo (teacher, student, distilled student) stays within ~15 minutes. 500 steps:
+# at 250 the from-scratch ResNet-50 had barely caught up with the ResNet-18 (20.7 vs 19.0 AP); at 500 it is clearly
+# ahead (measured: 34.0 vs 29.1 AP on 60 validation images). 150 validation images keep the AP's noise small.
+FULL = DemoPlan(SynthConfig(num_train=200, num_val=150, image_size=96, max_objects=6, seed=0), 96, 20, 20, 8)
 QUICK = DemoPlan(SynthConfig(num_train=32, num_val=12, image_size=96, max_objects=4, seed=0), 96, 1, 1, 8)
 
 

@@ -164,6 +164,23 @@ def test_paired_delta_and_gap_by_hand():
     assert s["mean"] == pytest.approx(3.0) and s["std"] == pytest.approx(math.sqrt(7.0))
 
 
+def test_scale_losses_touches_only_the_named_method():
+    acc = _load("accuracy")
+    from detkd.config import load_config
+
+    cfg = load_config(acc.recipe_path("ld_fgd", "gfl", "synth"))
+    before = {lc.method: lc.weight for lc in cfg.distill.losses}
+    scaled = acc.scale_losses(cfg, {"fgd": 0.01})
+    after = {lc.method: lc.weight for lc in scaled.distill.losses}
+    assert after["fgd"] == pytest.approx(0.01 * before["fgd"])
+    assert {m: w for m, w in after.items() if m != "fgd"} == {m: w for m, w in before.items() if m != "fgd"}
+    assert acc.scale_losses(cfg, {}) is cfg
+    args = acc.parse_args(["--scale", "fgd=0.01", "--scale", "cwd=2"])
+    assert args.scales == {"fgd": 0.01, "cwd": 2.0}
+    with pytest.raises(SystemExit):
+        acc.parse_args(["--scale", "fgd"])
+
+
 def _record(label: str, seed: int, ap: float) -> dict:
     return {"label": label, "seed": seed, "metrics": {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.05},
             "steps": 10, "wall_time_s": 1.0, "date": "2026-01-01T00:00:00+00:00", "run_dir": "x"}
@@ -181,12 +198,12 @@ def test_summary_markdown_and_plot(tmp_path):
     assert fgd["AP"]["mean"] == pytest.approx(34.0)
     assert fgd["delta"]["AP"]["diffs"] == pytest.approx([4.0, 2.0])
     assert fgd["gap_closed"] == pytest.approx((34.0 - 31.0) / (40.0 - 31.0))
-    png = acc.plot(summary, tmp_path / "a.png", "test")
+    png = acc.accuracy_plot(summary, tmp_path / "a.png", "test")
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     meta = {"machine": {"cpu": "c", "cores": 2, "cores_usable": 2, "torch_threads": 2, "load_avg_1m": 0.0,
                         "python": "3", "torch": "t", "torchvision": "v", "gpu": None, "device": "cpu"},
             "commit": "abc", "date": "d", "wall_time_s": 1.0, "command": "python benchmarks/accuracy.py"}
-    md = acc.to_markdown({"meta": meta, "settings": {"dataset": "synth", "seeds": [0, 1], "overrides": []},
+    md = acc.accuracy_markdown({"meta": meta, "settings": {"dataset": "synth", "seeds": [0, 1], "overrides": []},
                           "summary": summary, "runs": records, "plot": "a.png"})
     assert "| fgd (retinanet) | 34.0 ± 0.0 |" in md and "33%" in md and "![AP per method](a.png)" in md
 

@@ -81,6 +81,13 @@ def method_losses(method: str, family: str, dataset: str = "synth") -> tuple[lis
                 "params": {"T": 1.0, "bg_weight": 1.5, "bg_index": "first", "mu": 0.5, "nu": 0.5, "margin": 0.0}}
         hint = {"method": "hint", "weight": 0.5, "levels": ["p3"], "params": {"norm": "l2"}}
         return [loss, hint], {"task_weights": {"loss_classifier": 0.5, "loss_objectness": 0.5}}
+    if method == "chen_dense":
+        # Chen et al. on a dense head: L_cls = mu * L_hard + (1 - mu) * L_soft over every location (background
+        # column for sigmoid heads, see ChenDenseLoss), the teacher-bounded box loss, and a hint on one level
+        loss = {"method": "chen_dense", "weight": 1.0,
+                "params": {"T": 1.0, "bg_weight": 1.5, "mu": 0.5, "nu": 0.5, "margin": 0.0}}
+        hint = {"method": "hint", "weight": 0.5, "levels": ["p3"], "params": {"norm": "l2"}}
+        return [loss, hint], {"task_weights": {"classification": 0.5}}
     if method == "lgd":
         params = {"add_context": family != "fcos", "detach_appearance": family == "faster_rcnn"}
         params.update(LGD_WARMUP[dataset])
@@ -92,6 +99,7 @@ def method_losses(method: str, family: str, dataset: str = "synth") -> tuple[lis
 PLAN = {
     "cwd": FAMILIES, "fgd": FAMILIES, "hint": FAMILIES, "lgd": FAMILIES,
     "ld": ["gfl"], "ld_fgd": ["gfl"], "chen": ["faster_rcnn"],
+    "chen_dense": [f for f in FAMILIES if f != "faster_rcnn"],
 }
 
 
