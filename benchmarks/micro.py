@@ -262,12 +262,7 @@ def run(shapes: Shapes, device: torch.device, *, repeats: int, warmup: int, loop
         skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """All measurements; returns the JSON payload without ``meta``."""
     inp = build_inputs(shapes, device)
-    cands = {k: v for k, v in loss_candidates(inp, shapes, device).items() if k not in skip}
-    loss_times = interleaved(timed_losses(inp, cands, device), repeats=repeats, warmup=warmup, device=device)
-    losses: dict[str, dict] = {}
-    for key, secs in loss_times.items():
-        name, mode = key.split("|")
-        losses.setdefault(name, {})[mode] = summary_ms(secs)
+    # regions first, so that the loss modules' large allocations (LGD: GBs) do not weigh on the small ops timed here
     region_fns = region_candidates(inp, shapes)
     agreement = region_agreement(region_fns)  # also serves as the warm-up of the loop references
     regions = {}
@@ -277,6 +272,12 @@ def run(shapes: Shapes, device: torch.device, *, repeats: int, warmup: int, loop
         vec, loop = summary_ms(times[f"{name}|vectorised"]), summary_ms(times[f"{name}|loop"])
         regions[name] = {"vectorised": vec, "loop": loop, "speedup": round(loop["median_ms"] / vec["median_ms"], 1),
                          "speedup_min": round(loop["min_ms"] / vec["min_ms"], 1), "max_abs_diff": agreement[name]}
+    cands = {k: v for k, v in loss_candidates(inp, shapes, device).items() if k not in skip}
+    loss_times = interleaved(timed_losses(inp, cands, device), repeats=repeats, warmup=warmup, device=device)
+    losses: dict[str, dict] = {}
+    for key, secs in loss_times.items():
+        name, mode = key.split("|")
+        losses.setdefault(name, {})[mode] = summary_ms(secs)
     st = inp.student
     counts = {"boxes_per_image": [len(t["boxes"]) for t in st.targets], "locations": sum(st.level_sizes),
               "positives": int(st.assignment.positive_mask.sum())}
