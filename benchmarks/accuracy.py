@@ -48,6 +48,7 @@ from report import METRICS, accuracy_markdown, accuracy_plot  # noqa: E402
 from report import pct100 as _metric  # noqa: E402
 
 from detkd.config import Config, DataConfig, apply_override, load_config, to_dict  # noqa: E402
+from detkd.losses.lgd import scaled_warmup  # noqa: E402
 
 DEFAULT_METHODS = ("cwd", "fgd", "hint", "ld", "chen", "lgd", "ld_fgd")
 #: t_{0.975, df} for df = 1..30 (two-sided 95%); larger df use 1.96
@@ -147,7 +148,7 @@ def scale_lgd_schedule(cfg: Config) -> Config:
     losses = []
     for lc in cfg.distill.losses:
         if lc.method == "lgd":
-            params = {**lc.params, "pre_nondistill_steps": round(total / 6), "freeze_backbone_steps": round(total / 9)}
+            params = {**lc.params, **scaled_warmup(total)}
             lc = dataclasses.replace(lc, params=params)
         losses.append(lc)
     return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, losses=losses))

@@ -9,11 +9,16 @@ from torch import nn
 
 from detkd.config import Config, DataConfig, DistillConfig, LossConfig, TrainConfig
 from detkd.losses.fgd import FGD_DEFAULTS
+from detkd.losses.lgd import scaled_warmup
 from detkd.runner import RunResult, train_models
 
 
-def default_losses(method: str, family: str) -> list[LossConfig]:
-    """The loss list a method name stands for, with the official weights for ``family``."""
+def default_losses(method: str, family: str, total_steps: int | None = None) -> list[LossConfig]:
+    """The loss list a method name stands for, with the official weights for ``family``.
+
+    LGD's warm-up phases are step counts of a 180k-iteration schedule: given ``total_steps``, they keep their
+    fractions of it (:func:`detkd.losses.lgd.scaled_warmup`); without it, the reference counts.
+    """
     if method == "fgd":
         return [LossConfig("fgd", params=dict(FGD_DEFAULTS[family]))]  # official per detector
     if method == "cwd":
@@ -26,7 +31,7 @@ def default_losses(method: str, family: str) -> list[LossConfig]:
     if method == "chen":
         return [LossConfig("chen", params={"mu": 0.5, "nu": 0.5}), LossConfig("hint", weight=0.5, levels=["p3"])]
     if method == "lgd":
-        return [LossConfig("lgd")]
+        return [LossConfig("lgd", params=scaled_warmup(total_steps) if total_steps is not None else {})]
     return [LossConfig(method)]
 
 
@@ -37,6 +42,17 @@ def _data_config(data: str | Path | DataConfig, batch_size: int) -> DataConfig:
 
     root = Path(data)
     return DataConfig(format=guess_format(root), root=str(root), batch_size=batch_size)
+
+
+def _run_steps(data: DataConfig, train: TrainConfig) -> int:
+    """Optimizer steps the run will take (reads the training annotations; generates synthetic data if needed)."""
+    import math
+
+    from detkd.data import build_dataset
+    from detkd.engine.optim import total_steps
+
+    n = len(build_dataset(data, data.train_split, train=True))
+    return total_steps(train, math.ceil(n / data.batch_size))
 
 
 def distill(
@@ -56,16 +72,19 @@ def distill(
 ) -> RunResult:
     """Distil ``teacher`` into ``student`` (both built with ``detkd.models.build``) and evaluate the student.
 
-    ``methods`` are names (official defaults for the student's family) or full ``LossConfig`` entries; ``teacher``
-    may be None for LGD. Returns the run's metrics; the plain student weights are in ``run_dir / "last.pt"``.
+    ``methods`` are names (official defaults for the student's family; ``"lgd"`` with its warm-up scaled to this
+    run's length) or full ``LossConfig`` entries; ``teacher`` may be None for LGD. Returns the run's metrics; the
+    plain student weights are in ``run_dir / "last.pt"``.
     """
     family = student.detkd_spec.family
+    tc = train or TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer)
+    data_cfg = _data_config(data, batch_size)
+    steps = _run_steps(data_cfg, tc) if "lgd" in methods else None
     losses: list[LossConfig] = []
     for m in methods:
-        losses += [copy.deepcopy(m)] if isinstance(m, LossConfig) else default_losses(m, family)
-    tc = train or TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer)
-    cfg = Config(name=name, seed=seed, output_dir=output_dir, data=_data_config(data, batch_size),
-                 distill=DistillConfig(losses=losses), train=tc)
+        losses += [copy.deepcopy(m)] if isinstance(m, LossConfig) else default_losses(m, family, steps)
+    cfg = Config(name=name, seed=seed, output_dir=output_dir, data=data_cfg, distill=DistillConfig(losses=losses),
+                 train=tc)
     return train_models(cfg, student, teacher)
 
 

@@ -41,3 +41,18 @@ def test_lgd_from_python_needs_no_teacher(tmp_path):
                            output_dir=str(tmp_path), name="lgd")
     assert "AP" in result.metrics and "lgd_branch/AP" in result.metrics  # the label-guided branch, evaluated too
     assert "distill/lgd" in (result.run_dir / "metrics.jsonl").read_text()
+
+
+def test_lgd_by_name_scales_its_warmup_to_the_run(tmp_path):
+    from detkd.api import _run_steps, default_losses
+    from detkd.config import TrainConfig
+    from detkd.losses.lgd import scaled_warmup
+
+    # the reference 30k detached / 20k frozen of 180k, kept as fractions of a 480-step run
+    assert scaled_warmup(480) == {"pre_nondistill_steps": 80, "freeze_backbone_steps": 53}
+    assert scaled_warmup(180_000) == {"pre_nondistill_steps": 30_000, "freeze_backbone_steps": 20_000}
+    (lgd,) = default_losses("lgd", "fcos", total_steps=480)
+    assert lgd.params == {"pre_nondistill_steps": 80, "freeze_backbone_steps": 53}
+    assert default_losses("lgd", "fcos")[0].params == {}  # no length known: the loss's reference counts
+    # 4 training images in batches of 2 for 3 epochs: 6 steps
+    assert _run_steps(_data(tmp_path), TrainConfig(epochs=3)) == 6

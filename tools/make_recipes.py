@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from detkd.losses.fgd import FGD_DEFAULTS  # official per-detector FGD hyper-parameters (methods.md §3.2)
+from detkd.losses.lgd import scaled_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "configs"
@@ -52,8 +53,8 @@ def levels(family: str) -> list[str]:
 # frozen backbone. CPU-sized recipes keep those fractions (1/6 and 1/9) of their own length.
 LGD_WARMUP = {
     "coco": {"pre_nondistill_steps": 30000, "freeze_backbone_steps": 20000, "post_nondistill_steps": 0},
-    "synth": {"pre_nondistill_steps": 80, "freeze_backbone_steps": 53, "post_nondistill_steps": 0},  # 480 steps
-    "bccd": {"pre_nondistill_steps": 208, "freeze_backbone_steps": 139, "post_nondistill_steps": 0},  # 1248 steps
+    "synth": {**scaled_warmup(480), "post_nondistill_steps": 0},  # 12 epochs of 40 steps
+    "bccd": {**scaled_warmup(1248), "post_nondistill_steps": 0},  # 24 epochs of 52 steps
 }
 
 

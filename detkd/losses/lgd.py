@@ -26,6 +26,20 @@ from detkd.distill.lgd import LGDTeacher
 from detkd.losses.base import DistillLoss
 from detkd.structures import DetOutputs, FeatureSpec
 
+#: LGD's reference schedule (official configs): 180k iterations, the first 30k with the student detached in the
+#: distill term, the first 20k with a frozen backbone
+REFERENCE_STEPS, REFERENCE_PRE_NONDISTILL, REFERENCE_FREEZE_BACKBONE = 180_000, 30_000, 20_000
+
+
+def scaled_warmup(total_steps: int) -> dict[str, int]:
+    """The reference warm-up fractions (30k/180k = 1/6 detached, 20k/180k = 1/9 frozen backbone) of a run of
+    ``total_steps``: ``{"pre_nondistill_steps", "freeze_backbone_steps"}``. Short runs keep the reference's shape
+    instead of spending the whole run in the warm-up."""
+    if total_steps < 0:
+        raise ValueError(f"lgd: total_steps must be >= 0, got {total_steps}")
+    return {"pre_nondistill_steps": round(total_steps * REFERENCE_PRE_NONDISTILL / REFERENCE_STEPS),
+            "freeze_backbone_steps": round(total_steps * REFERENCE_FREEZE_BACKBONE / REFERENCE_STEPS)}
+
 HeadLossFn = Callable[[dict[str, Tensor], DetOutputs], dict[str, Tensor]]
 
 
@@ -99,8 +113,8 @@ class LGDLoss(DistillLoss):
         add_context: bool = True,
         detach_appearance: bool = False,
         lam: float = 1.0,
-        pre_nondistill_steps: int = 30000,
-        freeze_backbone_steps: int = 20000,
+        pre_nondistill_steps: int = REFERENCE_PRE_NONDISTILL,
+        freeze_backbone_steps: int = REFERENCE_FREEZE_BACKBONE,
         post_nondistill_steps: int = 0,
         max_steps: int | None = None,
         post_mode: str = "detach",
