@@ -12,6 +12,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from detkd.models import FAMILIES, ModelSpec, build, count_parameters
 from detkd.models.weights import read_state_dict
+from detkd.models.zoo import FCOS_BOX_BIAS
 
 TINY = {"fpn_channels": 16, "head_convs": 1, "min_size": 64, "max_size": 64}
 
@@ -221,3 +222,16 @@ def test_backbone_weights_from_a_detector_checkpoint(tmp_path):
     _assert_same_state(student.backbone.body.state_dict(), teacher.backbone.body.state_dict())
     with pytest.raises(ValueError, match="backbone weights"):
         build("gfl", "resnet18", num_classes=5, backbone_weights=str(tmp_path / "teacher.pt"), **TINY)
+
+
+@pytest.mark.parametrize("fpn", [32, 48])  # torchvision's own head and the narrow one with fewer GroupNorm groups
+def test_fcos_box_branch_starts_alive(fpn):
+    """FCOS's box branch is ReLU'd: it must start above 0 (non-degenerate boxes), not at torchvision's bias 0."""
+    model = build("fcos", backbone="resnet18", num_classes=3, fpn_channels=fpn, head_convs=1, min_size=64,
+                  max_size=64).eval()
+    bias = model.head.regression_head.bbox_reg.bias
+    assert torch.equal(bias, torch.full_like(bias, FCOS_BOX_BIAS)) and FCOS_BOX_BIAS > 0
+    features = [torch.randn(1, fpn, 8, 8)]
+    with torch.no_grad():
+        boxes, _ = model.head.regression_head(features)
+    assert (boxes > 0).float().mean() > 0.99  # every side of (nearly) every box starts positive
