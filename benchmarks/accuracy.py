@@ -203,6 +203,8 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     records: dict[str, Any] = {}
     for family in families:
         teacher_cfg = absolute_paths(with_overrides(load_recipe("teacher", family, args.dataset), args.overrides))
+        if args.teacher_epochs is not None:  # a teacher trained longer than the students (a stronger teacher)
+            teacher_cfg = apply_override(teacher_cfg, f"train.epochs={args.teacher_epochs}")
         teacher = run_cached(teacher_cfg, f"teacher_{family}", args.runs_dir, args.dataset)
         records[family] = {"teacher": teacher, "baseline": {}, "methods": {}}
     if args.teacher_only:
@@ -273,6 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only-seeds", default=None, help="train only these seeds (e.g. '1' or '0,2'); report skipped")
     p.add_argument("--teacher-only", action="store_true", help="train (or find) the teachers and stop")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs of every run (default: the recipes')")
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help="train.epochs of the teachers only (default: as the students)")
     p.add_argument("--cpu-reduced", action="store_true", help="small CPU schedule (see REDUCED); not converged")
     p.add_argument("--device", default="auto", help="train.device of every run: auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -312,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     payload: dict[str, Any] = {
         "meta": meta(device, time.perf_counter() - start, command_line(argv_full)),
         "settings": {"dataset": args.dataset, "family": args.family, "methods": args.methods,
-                     "seeds": args.seed_list, "overrides": args.overrides, "scales": args.scales},
+                     "seeds": args.seed_list, "overrides": args.overrides, "scales": args.scales,
+                     "teacher_epochs": args.teacher_epochs},
         "summary": summarize(records, args.seed_list),
         "runs": records,
     }

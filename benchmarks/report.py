@@ -49,7 +49,8 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
         f"scaled: {', '.join(f'{m} x{f:g}' for m, f in s.get('scales', {}).items()) or 'none'}. COCO AP x100, "
         "mean ± std over seeds; Δ = paired difference to the baseline of the same family and seed, mean [95% "
         "t-interval]; gap closed = (AP_distilled − AP_student) / (AP_teacher − AP_student) with seed means "
-        "(n/a when the teacher is not better). Teachers are trained once per family (seed 0).",
+        "(n/a when the teacher is not better). Teachers are trained once per family (seed 0)"
+        + (f", for {s['teacher_epochs']} epochs." if s.get("teacher_epochs") else ", on the students' schedule."),
         md_table(["run", "AP", "AP50", "AP75", "Δ AP [95% CI]", "Δ AP50 [95% CI]", "gap closed"], rows),
         f"![AP per method]({payload['plot']})" if payload.get("plot") else "",
         "## Runs\n\n" + md_table(["run", "seed", "AP", "steps", "wall s", "date", "commit", "machine"],

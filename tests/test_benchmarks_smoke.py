@@ -176,7 +176,8 @@ def test_scale_losses_touches_only_the_named_method():
     assert {m: w for m, w in after.items() if m != "fgd"} == {m: w for m, w in before.items() if m != "fgd"}
     assert acc.scale_losses(cfg, {}) is cfg
     args = acc.parse_args(["--scale", "fgd=0.01", "--scale", "cwd=2"])
-    assert args.scales == {"fgd": 0.01, "cwd": 2.0}
+    assert args.scales == {"fgd": 0.01, "cwd": 2.0} and args.teacher_epochs is None
+    assert acc.parse_args(["--teacher-epochs", "24"]).teacher_epochs == 24
     with pytest.raises(SystemExit):
         acc.parse_args(["--scale", "fgd"])
 
