@@ -173,6 +173,8 @@ def run_cached(cfg: Config, label: str, runs_dir: Path, dataset: str) -> dict[st
             return json.loads(record_file.read_text())
         print(f"[accuracy] training {name} (seed {cfg.seed})", flush=True)
         result = train_from_config(cfg)
+        if result.stopped:  # a signal: leave no record, so that the next call trains this run again
+            raise SystemExit(f"[accuracy] {name} stopped at step {result.steps}; not recorded")
         record = {"label": label, "run_dir": str(result.run_dir), "seed": cfg.seed, "metrics": result.metrics,
                   "steps": result.steps, "wall_time_s": round(result.wall_time, 1), "date": now_iso(), "hash": key,
                   "skipped_steps": result.skipped_steps, "commit": git_commit(), "machine": _machine(cfg.train.device)}

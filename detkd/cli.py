@@ -21,6 +21,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train_from_config(cfg, resume=args.resume)
     _print_metrics(f"{cfg.name}: {result.steps} steps in {result.wall_time:.0f}s", result.metrics)
     console.print(f"run folder: {result.run_dir}  (student weights: {result.run_dir / 'last.pt'})")
+    if result.stopped:
+        console.print(f"stopped early at step {result.steps}: continue with `detkd train {args.config} --resume`")
+        return 130
     return 0
 
 

@@ -87,7 +87,8 @@ def _cached(cfg: Config) -> RunResult | None:
     result_file = cfg.run_dir / "result.json"
     if (cfg.run_dir / "last.pt").is_file() and result_file.is_file():
         data = json.loads(result_file.read_text())
-        return RunResult(cfg.run_dir, data["metrics"], data["steps"], data["wall_time"])
+        if not data.get("stopped", False):  # a teacher interrupted mid-schedule is trained again
+            return RunResult(cfg.run_dir, data["metrics"], data["steps"], data["wall_time"])
     return None
 
 
@@ -116,6 +117,8 @@ def run_demo(*, quick: bool = False, method: str = "fgd", out_dir: Path = Path("
         cached = _cached(cfg) if cfg is teacher else None
         console.rule(f"{label}: {cfg.name}" + (" (cached)" if cached else ""))
         result = cached or train_from_config(cfg)
+        if result.stopped:  # interrupted (Ctrl-C, SIGTERM): stop here rather than go on with a half-trained model
+            raise SystemExit(f"demo interrupted during {cfg.name} (step {result.steps}); run it again to restart")
         rows.append((label, cfg, result))
     num_classes = build_dataset(teacher.data, "val", train=False).num_classes
     table = Table(title=f"detkd demo ({'quick' if quick else 'full'}): synthetic shapes, {teacher.model.family}")

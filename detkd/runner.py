@@ -30,6 +30,9 @@ class RunResult:
     wall_time: float
     skipped_steps: int = 0
     extra: dict = field(default_factory=dict)
+    #: stopped before the end of its schedule (a signal, or ``stop_at_step``): ``state.pt`` holds the resume state and
+    #: the metrics are those of a partly trained model; flows of several runs must not go on as if it had finished
+    stopped: bool = False
 
 
 def _device(name: str) -> torch.device:
@@ -102,9 +105,10 @@ def train_models(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module
                                        max_detections=cfg.eval.max_detections)
         metrics.update({f"lgd_branch/{k}": v for k, v in branch.items()})
     if is_main():
-        summary = {"metrics": metrics, "steps": result.steps, "wall_time": wall, "skipped_steps": result.skipped_steps}
+        summary = {"metrics": metrics, "steps": result.steps, "wall_time": wall, "skipped_steps": result.skipped_steps,
+                   "stopped": result.stopped}
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
-    return RunResult(run_dir, metrics, result.steps, wall, result.skipped_steps)
+    return RunResult(run_dir, metrics, result.steps, wall, result.skipped_steps, stopped=result.stopped)
 
 
 def eval_from_config(cfg: Config, checkpoint: str | Path, *, split: str | None = None) -> dict[str, float]:

@@ -98,3 +98,36 @@ def test_demo_quick(tmp_path):
     report = run_demo(quick=True, out_dir=tmp_path)
     assert [r["model"] for r in report["rows"]][0].startswith("teacher")
     assert len(report["rows"]) == 3
+
+
+def test_a_run_stopped_by_a_signal_is_not_taken_for_a_finished_one(tmp_path, monkeypatch, capsys):
+    """Ctrl-C / SIGTERM end a run early with its resume state: `train` says so (exit 130), result.json records it,
+    the demo neither reuses such a teacher nor goes on to the next model."""
+    import detkd.demo as demo
+    import detkd.runner as runner
+    from detkd.engine.loop import FitResult
+
+    def stopped_fit(trainable, loader, train_cfg, run_dir, **kwargs):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return FitResult(steps=1, epochs=0, last_metrics={"AP": 0.1}, best_metric=0.1, wall_time=0.0,
+                         skipped_steps=0, stopped=True)
+
+    monkeypatch.setattr(runner, "fit", stopped_fit)
+    recipe = _recipe(tmp_path)
+    assert main(["train", str(recipe)]) == 130
+    assert "--resume" in capsys.readouterr().out
+    result_file = tmp_path / "runs" / "tiny" / "result.json"
+    assert json.loads(result_file.read_text())["stopped"] is True
+
+    teacher, _, _ = demo._configs(demo.QUICK, "fgd", tmp_path / "demo")
+    teacher.run_dir.mkdir(parents=True)
+    (teacher.run_dir / "last.pt").write_bytes(b"")
+    (teacher.run_dir / "result.json").write_text(json.dumps({"metrics": {}, "steps": 1, "wall_time": 0.0,
+                                                              "stopped": True}))
+    assert demo._cached(teacher) is None  # trained again, not reused
+    (teacher.run_dir / "result.json").write_text(json.dumps({"metrics": {}, "steps": 1, "wall_time": 0.0}))
+    assert demo._cached(teacher) is not None  # a finished run (older files have no "stopped" key) is reused
+    monkeypatch.setattr(demo, "train_from_config", lambda cfg: runner.RunResult(cfg.run_dir, {}, 1, 0.0, stopped=True))
+    (teacher.run_dir / "result.json").unlink()
+    with pytest.raises(SystemExit, match="interrupted during teacher"):
+        demo.run_demo(quick=True, out_dir=tmp_path / "demo")
