@@ -53,18 +53,25 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
         + (f", for {s['teacher_epochs']} epochs." if s.get("teacher_epochs") else ", on the students' schedule."),
         md_table(["run", "AP", "AP50", "AP75", "Δ AP [95% CI]", "Δ AP50 [95% CI]", "gap closed"], rows),
         f"![AP per method]({payload['plot']})" if payload.get("plot") else "",
-        "## Runs\n\n" + md_table(["run", "seed", "AP", "steps", "wall s", "date", "commit", "machine"],
+        f"## Runs\n\nTraining wall time of all runs together: {_total_wall(payload['runs']) / 60:.0f} min (the meta "
+        "line above is the wall time of this command, which reuses cached runs).\n\n"
+        + md_table(["run", "seed", "AP", "steps", "wall s", "date", "commit", "machine"],
                                  _run_rows(payload["runs"])),
     ])
 
 
+def _all_runs(records: dict[str, Any]) -> list[dict]:
+    return [r for rec in records.values() for r in (rec["teacher"], *rec["baseline"].values(),
+                                                     *(run for m in rec["methods"].values() for run in m.values()))]
+
+
+def _total_wall(records: dict[str, Any]) -> float:
+    return sum(r["wall_time_s"] for r in _all_runs(records))
+
+
 def _run_rows(records: dict[str, Any]) -> list[list]:
-    rows = []
-    for rec in records.values():
-        runs = [rec["teacher"], *rec["baseline"].values(), *(r for m in rec["methods"].values() for r in m.values())]
-        rows += [[r["label"], r["seed"], f"{pct100(r, 'AP'):.1f}", r["steps"], r["wall_time_s"], r["date"],
-                  r.get("commit", "?"), r.get("machine", "?")] for r in runs]
-    return rows
+    return [[r["label"], r["seed"], f"{pct100(r, 'AP'):.1f}", r["steps"], r["wall_time_s"], r["date"],
+             r.get("commit", "?"), r.get("machine", "?")] for r in _all_runs(records)]
 
 
 def accuracy_plot(summary: dict[str, Any], path: Path, title: str) -> Path:
