@@ -104,7 +104,7 @@ def fgd_masks_levels(
         rows = _bit_planes(lo[..., 0], hi[..., 0], max_h, slot, rank, n * planes)
         cols = _bit_planes(lo[..., 1], hi[..., 1], max_w, slot, rank, n * planes)
         # bit r of a cell is set iff the box of rank r covers both its row and its column
-        cover = rows[:, cells.row] & cols[:, cells.col]
+        cover = rows.index_select(1, cells.row) & cols.index_select(1, cells.col)  # index_select: no advanced indexing
         level = torch.arange(num_levels, device=device)[:, None].expand_as(slot)
         table[slot, level * (_BITS + 1) + rank + 1] = value
     # frexp(2^k) has exponent k + 1 and frexp(0) exponent 0: the column of the winner, or the zero column 0
@@ -224,7 +224,7 @@ def _background(fg: Tensor, cell_level: Tensor, num_levels: int) -> Tensor:
     """(N, cells) bg = 1 - [fg > 0], divided per image and level by its sum when that sum is positive."""
     bg = (fg <= 0).float()
     totals = torch.zeros(fg.shape[0], num_levels, device=fg.device).index_add_(1, cell_level, bg)
-    return bg / totals.clamp(min=1)[:, cell_level]  # where the sum is 0, bg is 0 everywhere anyway
+    return bg / totals.clamp(min=1).index_select(1, cell_level)  # where the sum is 0, bg is 0 everywhere anyway
 
 
 def _scaled_extents(
