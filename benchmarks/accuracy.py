@@ -33,22 +33,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    RESULTS_DIR,
     ROOT,
-    command_line,
     git_commit,
     machine_info,
-    meta,
     method_family,
     now_iso,
+    publish,
     recipe_path,
     set_threads,
-    write_results,
 )
 from report import METRICS, accuracy_markdown, accuracy_plot  # noqa: E402
 from report import pct100 as _metric  # noqa: E402
 
 from detkd.config import Config, DataConfig, apply_override, load_config, to_dict  # noqa: E402
 from detkd.losses.lgd import scaled_warmup  # noqa: E402
+from detkd.runner import planned_steps  # noqa: E402
 
 DEFAULT_METHODS = ("cwd", "fgd", "hint", "ld", "chen", "lgd", "ld_fgd")
 #: t_{0.975, df} for df = 1..30 (two-sided 95%); larger df use 1.96
@@ -131,20 +131,13 @@ def scale_losses(cfg: Config, scales: dict[str, float]) -> Config:
     return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, losses=losses))
 
 
-def steps_per_epoch(cfg: Config) -> int:
-    from detkd.data import build_dataset
-
-    n = len(build_dataset(cfg.data, cfg.data.train_split, train=True))
-    return max(1, math.ceil(n / cfg.data.batch_size))
-
-
 def scale_lgd_schedule(cfg: Config) -> Config:
     """LGD's warm-up phases are fixed step counts (30k detached, 20k frozen backbone, of 180k): keep their
     fractions (1/6, 1/9) of the schedule actually run (the recipes' own counts are those fractions of the recipe's
     schedule, which the benchmark may shorten)."""
     if cfg.distill is None or not any(lc.method == "lgd" for lc in cfg.distill.losses):
         return cfg
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(cfg)
+    total = planned_steps(cfg.data, cfg.train)
     losses = []
     for lc in cfg.distill.losses:
         if lc.method == "lgd":
@@ -313,25 +306,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.teacher_only or args.only_seeds is not None:
         print("[accuracy] runs done; run without --teacher-only/--only-seeds to write the report")
         return None
-    argv_full = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
-    device = "cuda" if args.device == "cuda" else _auto_device(args.device)
     payload: dict[str, Any] = {
-        "meta": meta(device, time.perf_counter() - start, command_line(argv_full)),
         "settings": {"dataset": args.dataset, "family": args.family, "methods": args.methods,
                      "seeds": args.seed_list, "overrides": args.overrides, "scales": args.scales,
                      "teacher_epochs": args.teacher_epochs},
         "summary": summarize(records, args.seed_list),
         "runs": records,
     }
-    out_dir = Path(args.out_dir) if args.out_dir is not None else ROOT / "benchmarks" / "results"
+    out_dir = Path(args.out_dir) if args.out_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"accuracy_{args.dataset}{args.tag}"
     png = accuracy_plot(payload["summary"], out_dir / f"{stem}.png", f"{args.dataset}: AP of the R18 student, "
-               f"{len(args.seed_list)} seed(s)")
+                        f"{len(args.seed_list)} seed(s)")
     payload["plot"] = png.name
-    json_path, md_path = write_results(stem, payload, accuracy_markdown(payload), out_dir)
-    print(accuracy_markdown(payload))
-    print(f"\nwrote {json_path}, {md_path} and {png}")
+    payload = publish(stem, payload, accuracy_markdown, _auto_device(args.device), start, argv, out_dir)
+    print(f"and {png}")
     return payload
 
 

@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -244,6 +245,21 @@ def write_results(stem: str, payload: dict[str, Any], markdown: str, out_dir: Pa
     json_path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     md_path.write_text(markdown.rstrip() + "\n")
     return json_path, md_path
+
+
+def publish(stem: str, payload: dict[str, Any], to_markdown: Callable[[dict[str, Any]], str],
+            device: str | torch.device, start: float, argv: Sequence[str] | None, out_dir: Path | None = None
+            ) -> dict[str, Any]:
+    """A script's last step: prepend ``meta`` (wall time since ``start``, the command line from ``argv`` as passed to
+    ``main``, None for ``sys.argv``), write the JSON and Markdown result files, print the Markdown; returns the
+    payload with its meta."""
+    argv_full = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    payload = {"meta": meta(device, time.perf_counter() - start, command_line(argv_full)), **payload}
+    markdown = to_markdown(payload)
+    json_path, md_path = write_results(stem, payload, markdown, out_dir)
+    print(markdown)
+    print(f"\nwrote {json_path} and {md_path}")
+    return payload
 
 
 def _json_default(obj: Any) -> Any:

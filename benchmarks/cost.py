@@ -47,17 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     RESULTS_DIR,
-    command_line,
     interleaved,
-    meta,
     method_family,
     now_iso,
+    publish,
     recipe_path,
     resolve_device,
     set_threads,
     summary_ms,
     synchronize,
-    write_results,
 )
 from report import VARIANTS, cost_markdown  # noqa: E402
 
@@ -431,13 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     set_threads(args.threads)
     start = time.perf_counter()
-    payload = run(args)
-    argv_full = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
-    payload = {"meta": meta(args.device, time.perf_counter() - start, command_line(argv_full)), **payload}
-    json_path, md_path = write_results(f"cost_{args.device}{args.tag}", payload, cost_markdown(payload), args.out_dir)
-    print(cost_markdown(payload))
-    print(f"\nwrote {json_path} and {md_path}")
-    return payload
+    return publish(f"cost_{args.device}{args.tag}", run(args), cost_markdown, args.device, start, argv, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -32,15 +32,13 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    command_line,
     interleaved,
     md_meta,
     md_table,
-    meta,
+    publish,
     resolve_device,
     set_threads,
     summary_ms,
-    write_results,
 )
 
 from detkd.distill.lgd import LGDTeacher  # noqa: E402
@@ -347,12 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     payload = run(shapes, device, repeats=repeats, warmup=warmup, loop_repeats=loop_repeats, vlr_repeats=vlr_repeats,
                   skip=tuple(s for s in args.skip.split(",") if s))
-    argv_full = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
-    payload = {"meta": meta(device, time.perf_counter() - start, command_line(argv_full)), **payload}
-    json_path, md_path = write_results(f"micro_{device.type}{args.tag}", payload, to_markdown(payload), args.out_dir)
-    print(to_markdown(payload))
-    print(f"\nwrote {json_path} and {md_path}")
-    return payload
+    return publish(f"micro_{device.type}{args.tag}", payload, to_markdown, device, start, argv, args.out_dir)
 
 
 if __name__ == "__main__":

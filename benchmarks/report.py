@@ -55,8 +55,7 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
         f"![AP per method]({payload['plot']})" if payload.get("plot") else "",
         f"## Runs\n\nTraining wall time of all runs together: {_total_wall(payload['runs']) / 60:.0f} min (the meta "
         "line above is the wall time of this command, which reuses cached runs).\n\n"
-        + md_table(["run", "seed", "AP", "steps", "wall s", "date", "commit", "machine"],
-                                 _run_rows(payload["runs"])),
+        + md_table(["run", "seed", "AP", "steps", "wall s", "date", "commit", "machine"], _run_rows(payload["runs"])),
     ])
 
 
@@ -110,8 +109,6 @@ def accuracy_plot(summary: dict[str, Any], path: Path, title: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ cost
-
-
 
 
 def _pct(x: float) -> str:

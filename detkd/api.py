@@ -10,7 +10,7 @@ from torch import nn
 from detkd.config import Config, DataConfig, DistillConfig, LossConfig, TrainConfig
 from detkd.losses.fgd import FGD_DEFAULTS
 from detkd.losses.lgd import scaled_warmup
-from detkd.runner import RunResult, train_models
+from detkd.runner import RunResult, planned_steps, train_models
 
 
 def default_losses(method: str, family: str, total_steps: int | None = None) -> list[LossConfig]:
@@ -44,17 +44,6 @@ def _data_config(data: str | Path | DataConfig, batch_size: int) -> DataConfig:
     return DataConfig(format=guess_format(root), root=str(root), batch_size=batch_size)
 
 
-def _run_steps(data: DataConfig, train: TrainConfig) -> int:
-    """Optimizer steps the run will take (reads the training annotations; generates synthetic data if needed)."""
-    import math
-
-    from detkd.data import build_dataset
-    from detkd.engine.optim import total_steps
-
-    n = len(build_dataset(data, data.train_split, train=True))
-    return total_steps(train, math.ceil(n / data.batch_size))
-
-
 def distill(
     teacher: nn.Module | None,
     student: nn.Module,
@@ -79,7 +68,7 @@ def distill(
     family = student.detkd_spec.family
     tc = train or TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer)
     data_cfg = _data_config(data, batch_size)
-    steps = _run_steps(data_cfg, tc) if "lgd" in methods else None
+    steps = planned_steps(data_cfg, tc) if "lgd" in methods else None
     losses: list[LossConfig] = []
     for m in methods:
         losses += [copy.deepcopy(m)] if isinstance(m, LossConfig) else default_losses(m, family, steps)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from detkd.build import build_distiller, build_model
-from detkd.config import Config, ConfigError
+from detkd.config import Config, ConfigError, DataConfig, TrainConfig
 from detkd.data import build_dataset
 from detkd.data.loader import build_loader
 from detkd.distill.lgd_eval import evaluate_label_guided, label_guided_modules
@@ -33,6 +34,13 @@ class RunResult:
     #: stopped before the end of its schedule (a signal, or ``stop_at_step``): ``state.pt`` holds the resume state and
     #: the metrics are those of a partly trained model; flows of several runs must not go on as if it had finished
     stopped: bool = False
+
+
+def planned_steps(data: DataConfig, train: TrainConfig) -> int:
+    """Optimizer steps a single-process run with ``data`` and ``train`` takes, as :func:`train_models` counts them
+    (reads the training annotations; generates synthetic data if needed). Under DDP each rank steps fewer times."""
+    n = len(build_dataset(data, data.train_split, train=True))
+    return total_steps(train, math.ceil(n / data.batch_size))
 
 
 def _device(name: str) -> torch.device:

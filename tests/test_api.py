@@ -44,9 +44,10 @@ def test_lgd_from_python_needs_no_teacher(tmp_path):
 
 
 def test_lgd_by_name_scales_its_warmup_to_the_run(tmp_path):
-    from detkd.api import _run_steps, default_losses
+    from detkd.api import default_losses
     from detkd.config import TrainConfig
     from detkd.losses.lgd import scaled_warmup
+    from detkd.runner import planned_steps
 
     # the reference 30k detached / 20k frozen of 180k, kept as fractions of a 480-step run
     assert scaled_warmup(480) == {"pre_nondistill_steps": 80, "freeze_backbone_steps": 53}
@@ -55,4 +56,5 @@ def test_lgd_by_name_scales_its_warmup_to_the_run(tmp_path):
     assert lgd.params == {"pre_nondistill_steps": 80, "freeze_backbone_steps": 53}
     assert default_losses("lgd", "fcos")[0].params == {}  # no length known: the loss's reference counts
     # 4 training images in batches of 2 for 3 epochs: 6 steps
-    assert _run_steps(_data(tmp_path), TrainConfig(epochs=3)) == 6
+    assert planned_steps(_data(tmp_path), TrainConfig(epochs=3)) == 6
+    assert planned_steps(_data(tmp_path), TrainConfig(epochs=3, accumulate=2)) == 3  # one step per 2 batches

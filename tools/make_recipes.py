@@ -77,18 +77,16 @@ def method_losses(method: str, family: str, dataset: str = "synth") -> tuple[lis
         ld, _ = method_losses("ld", family, dataset)
         fgd, _ = method_losses("fgd", family, dataset)
         return ld + fgd, {}
-    if method == "chen":
-        loss = {"method": "chen", "weight": 1.0,
-                "params": {"T": 1.0, "bg_weight": 1.5, "bg_index": "first", "mu": 0.5, "nu": 0.5, "margin": 0.0}}
+    if method in ("chen", "chen_dense"):
+        # L_cls = mu * L_hard + (1 - mu) * L_soft (mu goes to the task's classification terms), the teacher-bounded box
+        # loss, and a hint on one level. chen: RPN + RoI head of Faster R-CNN; chen_dense: every location of a dense
+        # head (a background column for sigmoid heads, see ChenDenseLoss)
+        mu, two_stage = 0.5, method == "chen"
+        params = {"T": 1.0, "bg_weight": 1.5, **({"bg_index": "first"} if two_stage else {}), "mu": mu, "nu": 0.5,
+                  "margin": 0.0}
         hint = {"method": "hint", "weight": 0.5, "levels": ["p3"], "params": {"norm": "l2"}}
-        return [loss, hint], {"task_weights": {"loss_classifier": 0.5, "loss_objectness": 0.5}}
-    if method == "chen_dense":
-        # Chen et al. on a dense head: L_cls = mu * L_hard + (1 - mu) * L_soft over every location (background
-        # column for sigmoid heads, see ChenDenseLoss), the teacher-bounded box loss, and a hint on one level
-        loss = {"method": "chen_dense", "weight": 1.0,
-                "params": {"T": 1.0, "bg_weight": 1.5, "mu": 0.5, "nu": 0.5, "margin": 0.0}}
-        hint = {"method": "hint", "weight": 0.5, "levels": ["p3"], "params": {"norm": "l2"}}
-        return [loss, hint], {"task_weights": {"classification": 0.5}}
+        task = ["loss_classifier", "loss_objectness"] if two_stage else ["classification"]
+        return [{"method": method, "weight": 1.0, "params": params}, hint], {"task_weights": dict.fromkeys(task, mu)}
     if method == "lgd":
         params = {"add_context": family != "fcos", "detach_appearance": family == "faster_rcnn"}
         params.update(LGD_WARMUP[dataset])
