@@ -23,8 +23,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,17 +41,14 @@ from common import (  # noqa: E402
     recipe_path,
     set_threads,
 )
-from report import METRICS, accuracy_markdown, accuracy_plot  # noqa: E402
-from report import pct100 as _metric  # noqa: E402
+from report import accuracy_markdown, accuracy_plot  # noqa: E402
+from stats import summarize  # noqa: E402
 
 from detkd.config import Config, DataConfig, apply_override, load_config, to_dict  # noqa: E402
 from detkd.losses.lgd import scaled_warmup  # noqa: E402
 from detkd.runner import planned_steps  # noqa: E402
 
 DEFAULT_METHODS = ("cwd", "fgd", "hint", "ld", "chen", "lgd", "ld_fgd")
-#: t_{0.975, df} for df = 1..30 (two-sided 95%); larger df use 1.96
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 #: --cpu-reduced: schedules two CPU cores finish in a session. synth = the full ``detkd demo`` plan (96 px, 200 train /
 #: 150 val images, 500 steps of batch 8), where the from-scratch ResNet-50 teacher is clearly ahead of the ResNet-18
 #: student; bccd / thermal: 160 px (long side), 10 epochs of batch 4 (520 steps on BCCD). Short, from scratch: not
@@ -216,49 +211,6 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
             rec = records[family]["methods"].setdefault(method, {})
             rec[seed] = run_cached(cfg, label, args.runs_dir, args.dataset)
     return records
-
-
-# ------------------------------------------------------------------------------------------------ statistics
-
-
-def mean_std(values: list[float]) -> dict[str, float | None]:
-    mean = statistics.fmean(values)
-    return {"mean": mean, "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
-
-
-def paired_delta(method: list[float], base: list[float]) -> dict[str, Any]:
-    """Mean of the paired differences and its 95% t-interval (None with one seed)."""
-    diffs = [m - b for m, b in zip(method, base)]
-    out: dict[str, Any] = {"mean": statistics.fmean(diffs), "ci95": None, "diffs": diffs}
-    if len(diffs) > 1:
-        df = len(diffs) - 1
-        half = (T975[df - 1] if df <= len(T975) else 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-        out["ci95"] = [out["mean"] - half, out["mean"] + half]
-    return out
-
-
-def gap_closed(ap_method: float, ap_base: float, ap_teacher: float) -> float | None:
-    """(AP_distilled − AP_student) / (AP_teacher − AP_student); None when the teacher is not better."""
-    gap = ap_teacher - ap_base
-    return (ap_method - ap_base) / gap if gap > 1e-9 else None
-
-
-def summarize(records: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
-    """Per family: teacher, baseline and every method with mean ± std, paired deltas and gap closed."""
-    out: dict[str, Any] = {}
-    for family, rec in records.items():
-        teacher = {k: _metric(rec["teacher"], k) for k in METRICS}
-        base = {k: [_metric(rec["baseline"][s], k) for s in seeds] for k in METRICS}
-        fam = {"teacher": teacher, "baseline": {k: mean_std(base[k]) for k in METRICS}, "methods": {}}
-        for method, runs in rec["methods"].items():
-            vals = {k: [_metric(runs[s], k) for s in seeds] for k in METRICS}
-            fam["methods"][method] = {
-                **{k: mean_std(vals[k]) for k in METRICS},
-                "delta": {k: paired_delta(vals[k], base[k]) for k in METRICS},
-                "gap_closed": gap_closed(statistics.fmean(vals["AP"]), statistics.fmean(base["AP"]), teacher["AP"]),
-            }
-        out[family] = fam
-    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,7 +28,6 @@ Usage: ``python benchmarks/cost.py [--device cpu|cuda] [--size 320] [--batch 2] 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import gc
 import json
@@ -41,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -55,42 +53,17 @@ from common import (  # noqa: E402
     resolve_device,
     set_threads,
     summary_ms,
-    synchronize,
 )
+from memory import memory_accounting, step_peak_mib  # noqa: E402
 from report import VARIANTS, cost_markdown  # noqa: E402
+from steps import Setup, StageTeacher, losses_only, step_variants, teacher_forward_only, teacher_stage  # noqa: E402
 
 from detkd.build import build_distiller, build_model  # noqa: E402
-from detkd.config import Config, DistillConfig, load_config  # noqa: E402
+from detkd.config import DistillConfig, load_config  # noqa: E402
 from detkd.distill.distiller import Distiller  # noqa: E402
-from detkd.distill.teacher import STAGE_ORDER, FrozenTeacher  # noqa: E402
-from detkd.models.adapters import build_adapter  # noqa: E402
 
 DEFAULT_METHODS = ("cwd", "fgd", "hint", "ld", "ld_fgd", "chen", "lgd")
 NUM_CLASSES = 3
-
-
-class StageTeacher(FrozenTeacher):
-    """A FrozenTeacher that always runs to ``stage`` (measures a "full" teacher forward for a feature method)."""
-
-    def __init__(self, model: nn.Module, *, bf16: bool, stage: str | None):
-        super().__init__(model, bf16=bf16)
-        self.forced_stage = stage
-
-    def run(self, batch, stage, student=None):
-        return super().run(batch, self.forced_stage or stage, student=student)
-
-
-@dataclasses.dataclass
-class Setup:
-    """One method's models, distillation config and a fixed batch."""
-
-    method: str
-    family: str
-    cfg: Config
-    student: nn.Module
-    teacher_model: nn.Module | None
-    images: list[Tensor]
-    targets: list[dict[str, Tensor]]
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -144,111 +117,6 @@ def make_distiller(setup: Setup, *, bf16: bool = False, stage: str | None = None
     return distiller
 
 
-# ------------------------------------------------------------------------------------------------ steps
-
-
-def teacher_stage(distiller: Distiller) -> str | None:
-    """The deepest teacher stage the distiller's losses need (what Distiller.forward runs), None without teacher."""
-    stages = [sl.module.teacher_stage for sl in distiller.losses if sl.module.teacher_stage is not None]
-    return max(stages, key=STAGE_ORDER.__getitem__) if stages else None
-
-
-def make_step(groups: list[dict], forward: Callable[[], Tensor], clip: float | None, amp: torch.dtype | None,
-              device: torch.device) -> Callable[[], None]:
-    """One optimizer step as the training loop does it: zero_grad, forward (autocast), backward, clip, AdamW."""
-    optimizer = torch.optim.AdamW(groups, lr=1e-6)  # tiny: random models must stay finite over many steps
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = forward()
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-
-    return step
-
-
-def step_variants(setup: Setup, distiller: Distiller, amp: torch.dtype | None) -> dict[str, Callable[[], None]]:
-    """The four timed steps of one method (see the module docstring)."""
-    student, images, targets = setup.student, setup.images, setup.targets
-    adapter = build_adapter(student)
-    stage = teacher_stage(distiller)
-    teacher = distiller.teacher
-    device = images[0].device
-    clip = setup.cfg.train.grad_clip
-
-    def plain() -> Tensor:
-        return sum(student(images, targets).values())
-
-    def via_adapter(with_teacher: bool) -> Tensor:
-        batch = adapter.preprocess(images, targets)
-        s_out = adapter.run(batch, "loss")
-        if with_teacher and stage is not None:
-            teacher.run(batch, stage, student=s_out)
-        return sum(s_out.losses.values())
-
-    student_groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
-    return {
-        "plain": make_step(student_groups, plain, clip, amp, device),
-        "a": make_step(student_groups, lambda: via_adapter(False), clip, amp, device),
-        "b": make_step(student_groups, lambda: via_adapter(True), clip, amp, device),
-        "c": make_step(distiller.param_groups(), lambda: distiller(images, targets)["loss"], clip, amp, device),
-    }
-
-
-# ------------------------------------------------------------------------------------------------ memory
-
-
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def step_peak_mib(step: Callable[[], None], device: torch.device) -> float | None:
-    """Peak memory of one call of ``step`` above what was resident just before it, in MiB (None: cannot measure).
-
-    CUDA: ``max_memory_allocated`` after a peak reset. CPU (Linux + glibc): garbage is collected and ``malloc_trim``
-    hands freed heap pages back, then the peak RSS (VmHWM) is reset through /proc/self/clear_refs.
-    """
-    gc.collect()
-    if device.type == "cuda":
-        synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    libc = _libc()
-    try:
-        if libc is None:
-            return None
-        libc.malloc_trim(0)
-        before = _status_mib("VmRSS:")
-        Path("/proc/self/clear_refs").write_text("5")
-        step()
-        return _status_mib("VmHWM:") - before
-    except (OSError, KeyError):
-        return None
-
-
-def resident_mib(params: list[nn.Parameter], frozen: list[nn.Parameter]) -> float:
-    """Weights + AdamW state (2 moments) of trained parameters, plus frozen weights (the teacher), in MiB."""
-    trained = sum(p.numel() * p.element_size() for p in params)
-    return (3 * trained + sum(p.numel() * p.element_size() for p in frozen)) / 2**20
-
-
 # ------------------------------------------------------------------------------------------------ runs
 
 
@@ -277,52 +145,6 @@ def bench_method(setup: Setup, args: argparse.Namespace, device: torch.device, a
     }
 
 
-def memory_accounting(setup: Setup, distiller: Distiller) -> dict[str, Any]:
-    """Resident MiB of each variant (weights + AdamW state, frozen teacher weights) and the distillation params."""
-    student = [p for p in setup.student.parameters() if p.requires_grad]
-    teacher = list(setup.teacher_model.parameters()) if setup.teacher_model is not None else []
-    extra = [p for sl in distiller.losses for p in sl.module.parameters() if p.requires_grad]
-    return {
-        "resident_mib": {"plain": resident_mib(student, []), "a": resident_mib(student, []),
-                         "b": resident_mib(student, teacher), "c": resident_mib(student + extra, teacher)},
-        "distill_params": sum(p.numel() for p in extra),
-    }
-
-
-def _leaf(x: Any) -> Any:
-    """Detached copy of a nested output; floating-point tensors become leaves that take gradients."""
-    if isinstance(x, Tensor):
-        return x.detach().requires_grad_(x.is_floating_point())
-    if isinstance(x, dict):
-        return {k: _leaf(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_leaf(v) for v in x)
-    return x
-
-
-def losses_only(setup: Setup, distiller: Distiller, amp: torch.dtype | None) -> Callable[[], None]:
-    """Forward + backward of the distiller's loss modules alone on fixed student/teacher outputs: the loss part of
-    the machinery, timed without the detector around it (short calls, so far less exposed to a noisy machine)."""
-    adapter, device = distiller.student_adapter, setup.images[0].device
-    stage = teacher_stage(distiller)
-    with torch.no_grad():
-        batch = adapter.preprocess(setup.images, setup.targets)
-        s_out = adapter.run(batch, "loss")
-        t_out = distiller.teacher.run(batch, stage, student=s_out) if stage is not None else None
-    s_out = dataclasses.replace(s_out, features=_leaf(s_out.features), head=_leaf(s_out.head),
-                                extras=_leaf(s_out.extras))
-    modules = [sl.module for sl in distiller.losses]
-
-    def step() -> None:
-        for m in modules:
-            m.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            total = sum(sum(m(s_out, t_out).values()) for m in modules)
-        total.backward()
-
-    return step
-
-
 def paired_ratio(num: list[float], den: list[float]) -> dict[str, float]:
     """Median and quartiles over rounds of num_r / den_r - 1. The two steps of a round ran back to back, so their
     ratio cancels the slow drifts of a shared machine that a ratio of medians keeps."""
@@ -341,15 +163,9 @@ def teacher_options(setup: Setup, args: argparse.Namespace, device: torch.device
             distiller = make_distiller(setup, bf16=precision == "bf16", stage=stage)
             steps = step_variants(setup, distiller, amp)
             fns[f"step|{precision}|{reach}"] = steps["c"]
-            fns[f"teacher|{precision}|{reach}"] = _teacher_only(setup, distiller, stage or "features")
+            fns[f"teacher|{precision}|{reach}"] = teacher_forward_only(setup, distiller, stage or "features")
     times = interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device)
     return {key: summary_ms(secs) for key, secs in times.items()}
-
-
-def _teacher_only(setup: Setup, distiller: Distiller, stage: str) -> Callable[[], None]:
-    adapter = build_adapter(setup.student)
-    batch = adapter.preprocess(setup.images, setup.targets)
-    return lambda: distiller.teacher.run(batch, stage)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

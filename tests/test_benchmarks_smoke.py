@@ -64,9 +64,9 @@ def test_micro_tiny_writes_every_loss_and_exact_regions(tmp_path):
 
 
 def test_micro_inputs_have_positives_and_grad_leaves():
-    micro = _load("micro")
-    inp = micro.build_inputs(micro.Shapes(batch=2, image=256, channels=8, classes=5, min_boxes=2, max_boxes=4,
-                                          rpn_samples=8, rois=8), micro.torch.device("cpu"))
+    inputs = _load("micro_inputs")
+    inp = inputs.build_inputs(inputs.Shapes(batch=2, image=256, channels=8, classes=5, min_boxes=2, max_boxes=4,
+                                            rpn_samples=8, rois=8), inputs.torch.device("cpu"))
     st = inp.student
     assert st.head["cls_logits"].shape == (2, 1024 + 256 + 64 + 16 + 4, 5)
     assert st.head["bbox_dist"].shape[-1] == 68
@@ -110,12 +110,12 @@ def test_cost_tiny_structure_and_memory_accounting(tmp_path):
 
 
 def test_cost_resident_mib_by_hand():
-    cost = _load("cost")
-    torch = cost.torch
+    memory = _load("memory")
+    torch = memory.torch
     trained = [torch.nn.Parameter(torch.zeros(256, 1024))]  # 1 MiB of fp32
     frozen = [torch.nn.Parameter(torch.zeros(512, 1024))]  # 2 MiB
     # weights + AdamW's two moments of the trained ones (3 MiB) + the frozen weights (2 MiB)
-    assert cost.resident_mib(trained, frozen) == pytest.approx(5.0)
+    assert memory.resident_mib(trained, frozen) == pytest.approx(5.0)
 
 
 def test_cost_paired_ratio_by_hand():
@@ -151,16 +151,16 @@ def test_cost_teacher_options_structure(tmp_path):
 
 
 def test_paired_delta_and_gap_by_hand():
-    acc = _load("accuracy")
-    d = acc.paired_delta([31.0, 33.0, 32.0], [30.0, 31.0, 32.0])
+    stats = _load("stats")
+    d = stats.paired_delta([31.0, 33.0, 32.0], [30.0, 31.0, 32.0])
     # diffs 1, 2, 0: mean 1, sd 1, half width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.7321 = 2.4843
     assert d["diffs"] == [1.0, 2.0, 0.0] and d["mean"] == pytest.approx(1.0)
     assert d["ci95"] == pytest.approx([1 - 2.48434, 1 + 2.48434], abs=1e-4)
-    assert acc.paired_delta([31.0], [30.0])["ci95"] is None  # one seed: no interval
-    assert acc.gap_closed(35.0, 30.0, 40.0) == pytest.approx(0.5)
-    assert acc.gap_closed(29.0, 30.0, 40.0) == pytest.approx(-0.1)
-    assert acc.gap_closed(35.0, 30.0, 29.0) is None  # the teacher is not better: no gap to close
-    s = acc.mean_std([1.0, 2.0, 6.0])
+    assert stats.paired_delta([31.0], [30.0])["ci95"] is None  # one seed: no interval
+    assert stats.gap_closed(35.0, 30.0, 40.0) == pytest.approx(0.5)
+    assert stats.gap_closed(29.0, 30.0, 40.0) == pytest.approx(-0.1)
+    assert stats.gap_closed(35.0, 30.0, 29.0) is None  # the teacher is not better: no gap to close
+    s = stats.mean_std([1.0, 2.0, 6.0])
     assert s["mean"] == pytest.approx(3.0) and s["std"] == pytest.approx(math.sqrt(7.0))
 
 
@@ -194,7 +194,7 @@ def test_summary_markdown_and_plot(tmp_path):
         "baseline": {0: _record("b", 0, 0.30), 1: _record("b", 1, 0.32)},
         "methods": {"fgd": {0: _record("f", 0, 0.34), 1: _record("f", 1, 0.34)}},
     }}
-    summary = acc.summarize(records, [0, 1])
+    summary = _load("stats").summarize(records, [0, 1])
     fgd = summary["retinanet"]["methods"]["fgd"]
     assert fgd["AP"]["mean"] == pytest.approx(34.0)
     assert fgd["delta"]["AP"]["diffs"] == pytest.approx([4.0, 2.0])
