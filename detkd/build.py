@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
 from detkd.config import ConfigError, DistillConfig, LossConfig, ModelConfig
@@ -11,6 +13,8 @@ from detkd.losses import LOSSES
 from detkd.models import build as build_detector
 from detkd.models.adapters import DetectorAdapter, build_adapter
 from detkd.models.pairs import check_pair, head_signature
+
+log = logging.getLogger(__name__)
 
 
 def build_model(mc: ModelConfig, num_classes: int) -> nn.Module:
@@ -93,6 +97,11 @@ def build_distiller(
     keys: dict[str, int] = {}
     losses = []
     for lc in dc.losses:
+        if lc.weight < 0:
+            raise ConfigError(f"distill.losses: {lc.method!r} has a negative weight ({lc.weight})")
+        if lc.weight == 0:  # an off switch (e.g. `--set` or a sweep): not built, so the step-1 check skips it
+            log.info("distillation method %r has weight 0: left out", lc.method)
+            continue
         sl = build_loss(
             lc, s_adapter, t_adapter, num_classes=num_classes, max_steps=max_steps, allow_resize=dc.allow_resize
         )

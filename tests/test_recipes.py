@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from detkd.build import build_distiller, build_model
-from detkd.config import load_config
+from detkd.config import ConfigError, load_config
 from detkd.distill.teacher import FrozenTeacher
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 def test_there_are_recipes_for_every_method_and_family():
@@ -43,3 +44,19 @@ def test_synth_distillation_recipe_builds(path):
         teacher = FrozenTeacher(build_model(dataclasses.replace(cfg.teacher, weights=None, **small), num_classes=7))
     d = build_distiller(student, teacher, cfg.distill, num_classes=7, max_steps=480)
     assert [sl.module.name for sl in d.losses] == [lc.method for lc in cfg.distill.losses]
+
+
+def test_a_zero_weight_switches_a_term_off_and_a_negative_one_is_refused():
+    cfg = load_config(CONFIG_DIR / "ld_gfl_r50_r18_synth.yaml")
+    small = {"min_size": 64, "max_size": 64}
+    student = build_model(dataclasses.replace(cfg.model, **small), num_classes=7)
+    teacher = FrozenTeacher(build_model(dataclasses.replace(cfg.teacher, weights=None, **small), num_classes=7))
+
+    def with_kd_weight(w):
+        losses = [dataclasses.replace(lc, weight=w) if lc.method == "kd" else lc for lc in cfg.distill.losses]
+        return dataclasses.replace(cfg.distill, losses=losses)
+
+    d = build_distiller(student, teacher, with_kd_weight(0.0), num_classes=7, max_steps=480)
+    assert [sl.key for sl in d.losses] == ["ld", "vlr_ld"]
+    with pytest.raises(ConfigError, match="'kd' has a negative weight"):
+        build_distiller(student, teacher, with_kd_weight(-1.0), num_classes=7, max_steps=480)
