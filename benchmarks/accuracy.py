@@ -101,8 +101,8 @@ def absolute_paths(cfg: Config) -> Config:
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     for ov in overrides:
         key = ov.split("=", 1)[0]
-        if key.startswith("teacher.") and cfg.teacher is None:
-            continue  # teacher overrides do not create a teacher for LGD / baselines / teacher runs
+        if (key.startswith("teacher.") and cfg.teacher is None) or (key.startswith("distill.") and cfg.distill is None):
+            continue  # teacher / distill overrides do not create a section for LGD / baselines / teacher runs
         cfg = apply_override(cfg, ov)
     return cfg
 
@@ -175,8 +175,24 @@ def _machine(device: str) -> str:
     return info["gpu"] or f"{info['cpu']} ({info['torch_threads']} threads)"
 
 
+def parse_variant(entry: str) -> tuple[str, dict[str, float]]:
+    """``"ld@kd=0.1:vlr_ld=0"`` -> ``("ld", {"kd": 0.1, "vlr_ld": 0.0})``: a method with its own loss-term scales,
+    which replace ``--scale``'s for those terms (a sweep in one report)."""
+    method, _, spec = entry.partition("@")
+    scales: dict[str, float] = {}
+    for item in filter(None, spec.split(":")):
+        term, eq, factor = item.partition("=")
+        try:
+            if not (term and eq):
+                raise ValueError(item)
+            scales[term] = float(factor)
+        except ValueError:
+            raise ValueError(f"--methods {entry!r}: a variant is METHOD@TERM=FACTOR[:TERM=FACTOR...]") from None
+    return method, scales
+
+
 def student_config(method: str | None, family: str, args: argparse.Namespace, teacher_run: dict | None,
-                   seed: int) -> Config:
+                   seed: int, scales: dict[str, float] | None = None) -> Config:
     cfg = absolute_paths(with_overrides(load_recipe(method, family, args.dataset), args.overrides))
     if cfg.teacher is not None:
         if teacher_run is None:
@@ -184,12 +200,12 @@ def student_config(method: str | None, family: str, args: argparse.Namespace, te
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(
             cfg.teacher, weights=str(Path(teacher_run["run_dir"]) / "last.pt")))
     cfg = dataclasses.replace(cfg, seed=seed)
-    return scale_lgd_schedule(scale_losses(cfg, args.scales))
+    return scale_lgd_schedule(scale_losses(cfg, {**args.scales, **(scales or {})}))
 
 
 def study(args: argparse.Namespace) -> dict[str, Any]:
     """Teachers, baselines and methods for every (family, seed); returns per-family run records."""
-    families = sorted({method_family(m.split("+")[0], args.family) for m in args.methods})
+    families = sorted({method_family(parse_variant(m)[0].split("+")[0], args.family) for m in args.methods})
     records: dict[str, Any] = {}
     for family in families:
         teacher_cfg = absolute_paths(with_overrides(load_recipe("teacher", family, args.dataset), args.overrides))
@@ -204,11 +220,12 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
             rec = records[family]
             cfg = student_config(None, family, args, None, seed)
             rec["baseline"][seed] = run_cached(cfg, f"baseline_{family}_s{seed}", args.runs_dir, args.dataset)
-        for method in args.methods:
+        for entry in args.methods:
+            method, scales = parse_variant(entry)
             family = method_family(method.split("+")[0], args.family)
-            cfg = student_config(method, family, args, records[family]["teacher"], seed)
-            label = f"{method.replace('+', '_')}_{family}_s{seed}"
-            rec = records[family]["methods"].setdefault(method, {})
+            cfg = student_config(method, family, args, records[family]["teacher"], seed, scales)
+            label = f"{method.replace('+', '_')}_{family}_s{seed}"  # variants differ by the config hash in the name
+            rec = records[family]["methods"].setdefault(entry, {})
             rec[seed] = run_cached(cfg, label, args.runs_dir, args.dataset)
     return records
 
@@ -217,7 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="synth", choices=["synth", "bccd", "thermal"])
     p.add_argument("--family", default="retinanet", help="family of the feature methods and LGD")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated; 'a+b' for a combination")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated; 'a+b' for a combination; 'ld@kd=0.1:vlr_ld=0' for a method with its own "
+                        "loss-term scales (they replace --scale's for those terms)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--only-seeds", default=None, help="train only these seeds (e.g. '1' or '0,2'); report skipped")
     p.add_argument("--teacher-only", action="store_true", help="train (or find) the teachers and stop")
@@ -235,6 +254,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix of the result file names (accuracy_<dataset><tag>)")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    for m in args.methods:
+        try:
+            parse_variant(m)
+        except ValueError as err:
+            p.error(str(err))
     try:
         args.scales = {k: float(v) for k, v in (item.split("=", 1) for item in args.scale)}
     except ValueError:

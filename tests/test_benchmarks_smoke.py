@@ -182,6 +182,26 @@ def test_scale_losses_touches_only_the_named_method():
         acc.parse_args(["--scale", "fgd"])
 
 
+
+def test_method_variants_carry_their_own_term_scales():
+    acc = _load("accuracy")
+    assert acc.parse_variant("ld@kd=0.1:vlr_ld=0") == ("ld", {"kd": 0.1, "vlr_ld": 0.0})
+    assert acc.parse_variant("cwd+lgd") == ("cwd+lgd", {})
+    for bad in ("ld@kd", "ld@kd=x", "ld@=1"):
+        with pytest.raises(ValueError, match="METHOD@TERM=FACTOR"):
+            acc.parse_variant(bad)
+    with pytest.raises(SystemExit):
+        acc.parse_args(["--methods", "ld@kd"])
+    args = acc.parse_args(["--dataset", "synth", "--scale", "kd=0.5", "--scale", "fgd=0.01"])
+    teacher = {"run_dir": "/nowhere"}
+    plain = acc.student_config("ld", "gfl", args, teacher, 0)
+    variant = acc.student_config("ld", "gfl", args, teacher, 0, acc.parse_variant("ld@kd=0:vlr_ld=2")[1])
+    w_plain = {lc.method: lc.weight for lc in plain.distill.losses}
+    w_var = {lc.method: lc.weight for lc in variant.distill.losses}
+    assert w_plain["kd"] == pytest.approx(5.0)  # --scale applies when the variant is silent
+    assert w_var == {"ld": w_plain["ld"], "kd": 0.0, "vlr_ld": pytest.approx(2 * w_plain["vlr_ld"])}
+    assert acc.config_hash(plain) != acc.config_hash(variant)
+
 def _record(label: str, seed: int, ap: float) -> dict:
     return {"label": label, "seed": seed, "metrics": {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.05},
             "steps": 10, "wall_time_s": 1.0, "date": "2026-01-01T00:00:00+00:00", "run_dir": "x"}
