@@ -181,13 +181,14 @@ def parse_variant(entry: str) -> tuple[str, dict[str, float]]:
     method, _, spec = entry.partition("@")
     scales: dict[str, float] = {}
     for item in filter(None, spec.split(":")):
-        term, eq, factor = item.partition("=")
+        term, _, factor = item.partition("=")
         try:
-            if not (term and eq):
-                raise ValueError(item)
-            scales[term] = float(factor)
+            value = float(factor)  # also fails when "=" is missing (factor "")
         except ValueError:
-            raise ValueError(f"--methods {entry!r}: a variant is METHOD@TERM=FACTOR[:TERM=FACTOR...]") from None
+            value = None
+        if not term or value is None:
+            raise ValueError(f"--methods {entry!r}: a variant is METHOD@TERM=FACTOR[:TERM=FACTOR...]")
+        scales[term] = value
     return method, scales
 
 
@@ -205,7 +206,7 @@ def student_config(method: str | None, family: str, args: argparse.Namespace, te
 
 def study(args: argparse.Namespace) -> dict[str, Any]:
     """Teachers, baselines and methods for every (family, seed); returns per-family run records."""
-    families = sorted({method_family(parse_variant(m)[0].split("+")[0], args.family) for m in args.methods})
+    families = sorted({method_family(method.split("+")[0], args.family) for _, method, _ in args.variants})
     records: dict[str, Any] = {}
     for family in families:
         teacher_cfg = absolute_paths(with_overrides(load_recipe("teacher", family, args.dataset), args.overrides))
@@ -220,8 +221,7 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
             rec = records[family]
             cfg = student_config(None, family, args, None, seed)
             rec["baseline"][seed] = run_cached(cfg, f"baseline_{family}_s{seed}", args.runs_dir, args.dataset)
-        for entry in args.methods:
-            method, scales = parse_variant(entry)
+        for entry, method, scales in args.variants:
             family = method_family(method.split("+")[0], args.family)
             cfg = student_config(method, family, args, records[family]["teacher"], seed, scales)
             label = f"{method.replace('+', '_')}_{family}_s{seed}"  # variants differ by the config hash in the name
@@ -254,11 +254,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix of the result file names (accuracy_<dataset><tag>)")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    for m in args.methods:
-        try:
-            parse_variant(m)
-        except ValueError as err:
-            p.error(str(err))
+    try:  # (entry as given, its method, its own term scales), parsed once
+        args.variants = [(m, *parse_variant(m)) for m in args.methods]
+    except ValueError as err:
+        p.error(str(err))
     try:
         args.scales = {k: float(v) for k, v in (item.split("=", 1) for item in args.scale)}
     except ValueError:

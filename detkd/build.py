@@ -110,7 +110,8 @@ def build_distiller(
             sl.key = f"{lc.method}{keys[lc.method]}"
         losses.append(sl)
     if not losses:
-        raise ConfigError("distill.losses is empty: name at least one method, or remove the distill section")
+        raise ConfigError("distill.losses has no term to train (empty, or every weight is 0): name at least one "
+                          "method, or remove the distill section")
     return Distiller(
         student, losses, teacher, task_weights=dc.task_weights, check_first_step=dc.check_first_step
     )

@@ -60,3 +60,7 @@ def test_a_zero_weight_switches_a_term_off_and_a_negative_one_is_refused():
     assert [sl.key for sl in d.losses] == ["ld", "vlr_ld"]
     with pytest.raises(ConfigError, match="'kd' has a negative weight"):
         build_distiller(student, teacher, with_kd_weight(-1.0), num_classes=7, max_steps=480)
+    off = [dataclasses.replace(lc, weight=0.0) for lc in cfg.distill.losses]
+    all_off = dataclasses.replace(cfg.distill, losses=off)
+    with pytest.raises(ConfigError, match="every weight is 0"):
+        build_distiller(student, teacher, all_off, num_classes=7, max_steps=480)
