@@ -2,10 +2,12 @@
 
 For a dataset and a detector family: train the teacher once per family (cached by config hash under
 ``runs/bench/``), then the baseline student and the student with each method on the same schedule and seeds, from
-the ``configs/`` recipes (overrides applied to every run alike). LD runs on GFL, Chen on Faster R-CNN, LGD needs no
-teacher; a combination is named ``a+b`` (the losses of both recipes on the first one's family) or by its recipe
-(``ld_fgd``). Every run is cached under its config hash: re-running a command reuses finished runs, so a study can
-be split over several processes (``--only-seeds``, ``--teacher-only``) and then reported by the full command.
+the ``configs/`` recipes (overrides applied to every run alike). A method whose recipe changes the student
+(``fgd_inherit``: the teacher's neck and head widths) is compared with that student trained alone, on the same seeds.
+LD runs on GFL, Chen on Faster R-CNN, LGD needs no teacher; a combination is named ``a+b`` (the losses of both
+recipes on the first one's family) or by its recipe (``ld_fgd``). Every run is cached under its config hash:
+re-running a command reuses finished runs, so a study can be split over several processes (``--only-seeds``,
+``--teacher-only``) and then reported by the full command.
 
 Reported (``benchmarks/results/accuracy_<dataset>.json`` / ``.md`` / ``.png``): AP, AP50, AP75 (COCO, x100) as
 mean ± std over seeds; the delta against the baseline with a 95% t-interval over the paired seed differences; the
@@ -44,7 +46,7 @@ from common import (  # noqa: E402
 from report import accuracy_markdown, accuracy_plot  # noqa: E402
 from stats import summarize  # noqa: E402
 
-from detkd.config import Config, DataConfig, apply_override, load_config, to_dict  # noqa: E402
+from detkd.config import Config, DataConfig, ModelConfig, apply_override, load_config, to_dict  # noqa: E402
 from detkd.losses.lgd import scaled_warmup  # noqa: E402
 from detkd.runner import planned_steps  # noqa: E402
 
@@ -159,6 +161,9 @@ def run_cached(cfg: Config, label: str, runs_dir: Path, dataset: str) -> dict[st
         fcntl.flock(lock, fcntl.LOCK_EX)
         if record_file.is_file() and (runs_dir / name / "last.pt").is_file():
             return json.loads(record_file.read_text())
+        for other in sorted(runs_dir.glob(f"{dataset}_*_{key}/bench.json")):  # the same config under another label
+            if (other.parent / "last.pt").is_file():  # (e.g. a recipe that a study once built with --set overrides)
+                return {**json.loads(other.read_text()), "label": label}
         print(f"[accuracy] training {name} (seed {cfg.seed})", flush=True)
         result = train_from_config(cfg)
         if result.stopped:  # a signal: leave no record, so that the next call trains this run again
@@ -213,7 +218,9 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         if args.teacher_epochs is not None:  # a teacher trained longer than the students (a stronger teacher)
             teacher_cfg = apply_override(teacher_cfg, f"train.epochs={args.teacher_epochs}")
         teacher = run_cached(teacher_cfg, f"teacher_{family}", args.runs_dir, args.dataset)
-        records[family] = {"teacher": teacher, "baseline": {}, "methods": {}}
+        # "baseline": the baseline recipe's student; "baselines": other students (by student_label) that some
+        # method's recipe uses, trained alone on the same seeds; "students": method entry -> its student_label
+        records[family] = {"teacher": teacher, "baseline": {}, "baselines": {}, "students": {}, "methods": {}}
     if args.teacher_only:
         return records
     for seed in args.seed_list:
@@ -224,10 +231,22 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         for entry, method, scales in args.variants:
             family = method_family(method.split("+")[0], args.family)
             cfg = student_config(method, family, args, records[family]["teacher"], seed, scales)
+            base_cfg = student_config(None, family, args, None, seed)
+            if cfg.model != base_cfg.model:  # e.g. fgd_inherit's student has the teacher's neck and head widths
+                student = student_label(cfg.model)
+                records[family]["students"][entry] = student
+                runs = records[family]["baselines"].setdefault(student, {})
+                runs[seed] = run_cached(dataclasses.replace(base_cfg, model=cfg.model), f"baseline_{family}_s{seed}",
+                                        args.runs_dir, args.dataset)
             label = f"{method.replace('+', '_')}_{family}_s{seed}"  # variants differ by the config hash in the name
             rec = records[family]["methods"].setdefault(entry, {})
             rec[seed] = run_cached(cfg, label, args.runs_dir, args.dataset)
     return records
+
+
+def student_label(model: ModelConfig) -> str:
+    """How the report names a student that differs from the baseline recipe's (its own baseline)."""
+    return f"{model.backbone.replace('resnet', 'R')}-FPN{model.fpn_channels}, {model.head_convs} head convs"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

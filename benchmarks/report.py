@@ -37,9 +37,12 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
         t = fam["teacher"]
         rows.append([f"teacher R50 ({family})", *(f"{t[k]:.1f}" for k in METRICS), "", "", ""])
         rows.append([f"baseline R18 ({family})", *(_ms(fam["baseline"][k]) for k in METRICS), "", "", ""])
+        for label, b in fam.get("baselines", {}).items():
+            rows.append([f"baseline {label} ({family})", *(_ms(b[k]) for k in METRICS), "", "", ""])
         for method, r in fam["methods"].items():
             gap = r["gap_closed"]
-            rows.append([f"{method} ({family})", *(_ms(r[k]) for k in METRICS), _delta(r["delta"]["AP"]),
+            name = f"{method} ({family}" + (f"; student {r['student']})" if r.get("student") else ")")
+            rows.append([name, *(_ms(r[k]) for k in METRICS), _delta(r["delta"]["AP"]),
                          _delta(r["delta"]["AP50"]), "n/a" if gap is None else f"{100 * gap:.0f}%"])
     s = payload["settings"]
     return "\n\n".join([
@@ -47,7 +50,7 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
         md_meta(payload["meta"]),
         f"Seeds {s['seeds']}; overrides applied to every run: `{' '.join(s['overrides']) or 'none'}`; loss weights "
         f"scaled: {', '.join(f'{m} x{f:g}' for m, f in s.get('scales', {}).items()) or 'none'}. COCO AP x100, "
-        "mean ± std over seeds; Δ = paired difference to the baseline of the same family and seed, mean [95% "
+        "mean ± std over seeds; Δ = paired difference to the baseline of the same family, student and seed, mean [95% "
         "t-interval]; gap closed = (AP_distilled − AP_student) / (AP_teacher − AP_student) with seed means "
         "(n/a when the teacher is not better). Teachers are trained once per family (seed 0)"
         + (f", for {s['teacher_epochs']} epochs." if s.get("teacher_epochs") else ", on the students' schedule."),
@@ -60,8 +63,11 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
 
 
 def _all_runs(records: dict[str, Any]) -> list[dict]:
-    return [r for rec in records.values() for r in (rec["teacher"], *rec["baseline"].values(),
-                                                     *(run for m in rec["methods"].values() for run in m.values()))]
+    runs = []
+    for rec in records.values():
+        groups = [rec["baseline"], *rec.get("baselines", {}).values(), *rec["methods"].values()]
+        runs += [rec["teacher"], *(run for group in groups for run in group.values())]
+    return runs
 
 
 def _total_wall(records: dict[str, Any]) -> float:
@@ -81,16 +87,18 @@ def accuracy_plot(summary: dict[str, Any], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fams = list(summary)
-    widths = [1 + len(summary[f]["methods"]) for f in fams]
+    widths = [1 + len(summary[f].get("baselines", {})) + len(summary[f]["methods"]) for f in fams]
     fig, axes = plt.subplots(1, len(fams), figsize=(1.0 + 1.1 * sum(widths), 4.2), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
     for ax, family in zip(axes[0], fams):
         fam = summary[family]
-        names = ["baseline", *fam["methods"]]
-        stats = [fam["baseline"]["AP"], *(r["AP"] for r in fam["methods"].values())]
+        others = fam.get("baselines", {})  # baselines of the students some methods change (e.g. wider necks)
+        names = ["baseline", *(f"baseline {label}" for label in others), *fam["methods"]]
+        stats = [fam["baseline"]["AP"], *(b["AP"] for b in others.values())]
+        stats += [r["AP"] for r in fam["methods"].values()]
         means = [s["mean"] for s in stats]
         errs = [s["std"] or 0.0 for s in stats]
-        colors = ["#9e9e9e"] + ["#1f77b4"] * (len(names) - 1)
+        colors = ["#9e9e9e"] * (1 + len(others)) + ["#1f77b4"] * len(fam["methods"])
         bars = ax.bar(range(len(names)), means, yerr=errs, capsize=4, color=colors)
         for bar, m, e in zip(bars, means, errs):  # above the error bar, so the two never overlap
             ax.text(bar.get_x() + bar.get_width() / 2, m + e + 0.3, f"{m:.1f}", ha="center", va="bottom", fontsize=8)

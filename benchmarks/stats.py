@@ -41,18 +41,26 @@ def gap_closed(ap_method: float, ap_base: float, ap_teacher: float) -> float | N
 
 
 def summarize(records: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
-    """Per family: teacher, baseline and every method with mean ± std, paired deltas and gap closed."""
+    """Per family: teacher, baseline(s) and every method with mean ± std, paired deltas and gap closed, each
+    against the baseline of the method's own student (``student``: None for the baseline recipe's)."""
     out: dict[str, Any] = {}
     for family, rec in records.items():
         teacher = {k: _metric(rec["teacher"], k) for k in METRICS}
         base = {k: [_metric(rec["baseline"][s], k) for s in seeds] for k in METRICS}
-        fam = {"teacher": teacher, "baseline": {k: mean_std(base[k]) for k in METRICS}, "methods": {}}
+        others = {label: {k: [_metric(runs[s], k) for s in seeds] for k in METRICS}
+                  for label, runs in rec.get("baselines", {}).items()}
+        fam = {"teacher": teacher, "baseline": {k: mean_std(base[k]) for k in METRICS},
+               "baselines": {label: {k: mean_std(v[k]) for k in METRICS} for label, v in others.items()},
+               "methods": {}}
         for method, runs in rec["methods"].items():
+            student = rec.get("students", {}).get(method)  # None: the baseline recipe's student
+            ref = others[student] if student else base
             vals = {k: [_metric(runs[s], k) for s in seeds] for k in METRICS}
             fam["methods"][method] = {
                 **{k: mean_std(vals[k]) for k in METRICS},
-                "delta": {k: paired_delta(vals[k], base[k]) for k in METRICS},
-                "gap_closed": gap_closed(statistics.fmean(vals["AP"]), statistics.fmean(base["AP"]), teacher["AP"]),
+                "student": student,
+                "delta": {k: paired_delta(vals[k], ref[k]) for k in METRICS},
+                "gap_closed": gap_closed(statistics.fmean(vals["AP"]), statistics.fmean(ref["AP"]), teacher["AP"]),
             }
         out[family] = fam
     return out

@@ -93,7 +93,13 @@ def build_distiller(
             raise ConfigError("distill.inherit needs a teacher")
         from detkd.distill.inherit import inherit_from_teacher
 
-        inherit_from_teacher(student, teacher.model)
+        report = inherit_from_teacher(student, teacher.model)
+        state = student.state_dict()
+        if not any(state[k].dim() > 1 for k in report.copied):  # biases alone: a narrower student inherits nothing
+            key, why = next((s for s in report.skipped if s[1].startswith("shape")), ("(none)", "no neck/head keys"))
+            raise ConfigError(f"distill.inherit: no weight of the teacher's neck or head fits the student (e.g. {key}: "
+                              f"{why}); give the student the teacher's model.fpn_channels and model.head_convs")
+        log.info("distill.inherit: %s", report.summary())
     keys: dict[str, int] = {}
     losses = []
     for lc in dc.losses:

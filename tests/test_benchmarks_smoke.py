@@ -252,6 +252,67 @@ def test_recipes_combination_thermal_hash_and_lgd_schedule():
     assert acc.with_overrides(base, ["teacher.min_size=64"]).teacher is None
 
 
+def test_a_method_that_widens_the_student_is_compared_with_that_student_alone(monkeypatch):
+    acc = _load("accuracy")
+    trained = []
+
+    def fake_run(cfg, label, runs_dir, dataset):  # AP from the student's width and whether it distils
+        trained.append((label, cfg))
+        ap = {"teacher": 0.40}.get(label.split("_")[0], 0.30 + 0.02 * (cfg.model.fpn_channels == 128))
+        ap += 0.01 * (cfg.distill is not None) + 0.001 * cfg.seed
+        return {**_record(label, cfg.seed, ap), "run_dir": "/nowhere"}
+
+    monkeypatch.setattr(acc, "run_cached", fake_run)
+    args = acc.parse_args(["--dataset", "synth", "--family", "fcos", "--methods", "fgd,fgd_inherit", "--seeds", "2"])
+    records = acc.study(args)
+    wide = "R18-FPN128, 4 head convs"
+    assert records["fcos"]["students"] == {"fgd_inherit": wide}
+    wide_runs = [cfg for label, cfg in trained if label.startswith("baseline") and cfg.model.fpn_channels == 128]
+    assert len(wide_runs) == 2 and all(cfg.distill is None and cfg.model.head_convs == 4 for cfg in wide_runs)
+    # the same run as a baseline widened with --set, so that such a study's cached runs are found again
+    by_hand = acc.parse_args(["--dataset", "synth", "--family", "fcos", "--set", "model.fpn_channels=128",
+                              "--set", "model.head_convs=4"])
+    assert acc.config_hash(wide_runs[0]) == acc.config_hash(acc.student_config(None, "fcos", by_hand, None, 0))
+    summary = _load("stats").summarize(records, [0, 1])["fcos"]
+    assert summary["baselines"][wide]["AP"]["mean"] == pytest.approx(32.05)
+    inherit, plain = summary["methods"]["fgd_inherit"], summary["methods"]["fgd"]
+    assert inherit["student"] == wide and plain["student"] is None
+    assert inherit["delta"]["AP"]["diffs"] == pytest.approx([1.0, 1.0])  # against the wide student, not the R18
+    assert plain["delta"]["AP"]["diffs"] == pytest.approx([1.0, 1.0])
+    assert inherit["gap_closed"] == pytest.approx(1.0 / (40.0 - 32.05))
+    meta = {"machine": {"cpu": "c", "cores": 2, "cores_usable": 2, "torch_threads": 2, "load_avg_1m": 0.0,
+                        "python": "3", "torch": "t", "torchvision": "v", "gpu": None, "device": "cpu"},
+            "commit": "abc", "date": "d", "wall_time_s": 1.0, "command": "python benchmarks/accuracy.py"}
+    md = acc.accuracy_markdown({"meta": meta, "settings": {"dataset": "synth", "seeds": [0, 1], "overrides": []},
+                                "summary": {"fcos": summary}, "runs": records})
+    assert f"| baseline {wide} (fcos) | 32.0 ± 0.1 |" in md and f"| fgd_inherit (fcos; student {wide}) |" in md
+    assert md.count("| baseline_fcos_s") == 4  # both students' baseline runs are listed
+
+
+def test_a_finished_run_is_found_by_its_config_hash_under_another_label(tmp_path, monkeypatch):
+    acc = _load("accuracy")
+    cfg = acc.load_recipe("fgd_inherit", "fcos", "synth")
+    key = acc.config_hash(cfg)
+    old = tmp_path / f"synth_fgd_fcos_s0_{key}"  # e.g. the same run built by a study with --set overrides
+    old.mkdir()
+    (old / "bench.json").write_text(json.dumps(_record("fgd_fcos_s0", 0, 0.33)))
+    unfinished = tmp_path / f"synth_aaa_fcos_s0_{key}"  # sorted first; no checkpoint: not a finished run
+    unfinished.mkdir()
+    (unfinished / "bench.json").write_text(json.dumps(_record("aaa", 0, 0.99)))
+
+    def no_training(cfg):
+        raise AssertionError("a cached run was trained again")
+
+    monkeypatch.setattr("detkd.runner.train_from_config", no_training)
+    with pytest.raises(AssertionError, match="trained again"):
+        acc.run_cached(cfg, "fgd_inherit_fcos_s0", tmp_path, "synth")
+    (old / "last.pt").write_bytes(b"")
+    record = acc.run_cached(cfg, "fgd_inherit_fcos_s0", tmp_path, "synth")
+    assert record["metrics"]["AP"] == 0.33 and record["label"] == "fgd_inherit_fcos_s0"
+    with pytest.raises(AssertionError, match="trained again"):  # another dataset's run is not this one
+        acc.run_cached(cfg, "fgd_inherit_fcos_s0", tmp_path, "bccd")
+
+
 @pytest.mark.slow
 def test_accuracy_end_to_end_tiny_and_cached(tmp_path, monkeypatch):
     acc = _load("accuracy")

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from detkd.build import build_distiller, build_model
 from detkd.config import ConfigError, load_config
@@ -64,3 +65,37 @@ def test_a_zero_weight_switches_a_term_off_and_a_negative_one_is_refused():
     all_off = dataclasses.replace(cfg.distill, losses=off)
     with pytest.raises(ConfigError, match="every weight is 0"):
         build_distiller(student, teacher, all_off, num_classes=7, max_steps=480)
+
+
+def _small_pair(cfg):
+    small = {"min_size": 64, "max_size": 64}
+    student = build_model(dataclasses.replace(cfg.model, **small), num_classes=7)
+    teacher = FrozenTeacher(build_model(dataclasses.replace(cfg.teacher, weights=None, **small), num_classes=7))
+    return student, teacher
+
+
+@pytest.mark.parametrize("family", ["fcos", "faster_rcnn"])
+def test_fgd_inherit_recipe_starts_from_the_teachers_neck_and_head(family):
+    cfg = load_config(CONFIG_DIR / f"fgd_inherit_{family}_r50_r18_synth.yaml")
+    plain = load_config(CONFIG_DIR / f"fgd_{family}_r50_r18_synth.yaml")
+    assert cfg.distill.inherit and not plain.distill.inherit
+    assert (cfg.model.fpn_channels, cfg.model.head_convs) == (cfg.teacher.fpn_channels, cfg.teacher.head_convs)
+    assert cfg.model.backbone == plain.model.backbone == "resnet18"  # only the neck and head are widened
+    assert cfg.distill.losses == plain.distill.losses
+    student, teacher = _small_pair(cfg)
+    build_distiller(student, teacher, cfg.distill, num_classes=7, max_steps=480)
+    s_state, t_state = student.state_dict(), teacher.model.state_dict()
+    head = "head.classification_head.conv.9.weight" if family == "fcos" else "roi_heads.box_head.fc6.weight"
+    assert torch.equal(s_state[head], t_state[head])
+    # the FPN's output convs fit (same width); its lateral 1x1 convs take the backbone's channels and cannot
+    out, lateral = "backbone.fpn.layer_blocks.0.0.weight", "backbone.fpn.inner_blocks.0.0.weight"
+    assert torch.equal(s_state[out], t_state[out])
+    assert s_state[lateral].shape != t_state[lateral].shape
+
+
+def test_inherit_into_a_narrower_student_is_an_error():
+    cfg = load_config(CONFIG_DIR / "fgd_fcos_r50_r18_synth.yaml")  # student FPN 64 wide, teacher 128
+    student, teacher = _small_pair(cfg)
+    with pytest.raises(ConfigError, match="no weight of the teacher's neck or head fits the student"):
+        build_distiller(student, teacher, dataclasses.replace(cfg.distill, inherit=True), num_classes=7,
+                        max_steps=480)
