@@ -12,6 +12,7 @@ Data flow of one step::
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,10 @@ class ScheduledLoss(nn.Module):
 
     def active(self, step: int) -> bool:
         return step >= self.start_step and (self.stop_step is None or step < self.stop_step)
+
+
+#: a distillation method above this multiple of the task loss at step 1 gets a warning (see Distiller._warn_if_loud)
+LOUD_RATIO = 100.0
 
 
 class Distiller(nn.Module):
@@ -164,3 +169,17 @@ class Distiller(nn.Module):
                 raise WiringError(
                     f"distillation method {sl.key!r} has no gradient path to the student or its connectors"
                 )
+            self._warn_if_loud(sl.key, value, losses)
+
+    def _warn_if_loud(self, key: str, value: float, losses: dict[str, Tensor]) -> None:
+        """Official weights assume the paper's features (pretrained backbones, COCO images); on other data a term can
+        start orders of magnitude above the task loss and drown it (FGD from scratch: ~100x). Say so at step 1."""
+        task = sum(self.task_weights.get(k[5:], 1.0) * float(v) for k, v in losses.items() if k.startswith("task/"))
+        if task > 0 and value > LOUD_RATIO * task:
+            warnings.warn(
+                f"distillation method {key!r} is {value / task:.0f}x the task loss at the first step ({value:.4g} vs "
+                f"{task:.4g}): the task may barely train. Its weights are the official ones for the paper's setting; "
+                f"on this data lower its weight (distill.losses[].weight) until the two are comparable",
+                UserWarning,
+                stacklevel=3,
+            )

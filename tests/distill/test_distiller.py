@@ -290,3 +290,24 @@ def test_fp32_teacher_stays_fp32_inside_a_bf16_training_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = FrozenTeacher(model).run(batch, "features")
     assert all(f.dtype == torch.float32 for f in out.features.values())
+
+
+def test_a_term_that_drowns_the_task_loss_is_reported_at_the_first_step():
+    import warnings
+
+    def first_step(weight):
+        d = _distiller("retinanet", [LossConfig("cwd", weight=weight)])
+        d.train()
+        out = d(*_batch())
+        task = sum(float(v) for k, v in out.items() if k.startswith("task/"))
+        cwd = sum(float(v.detach()) for k, v in out.items() if k.startswith("distill/cwd/"))  # one term per level
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            d.step_check(out)
+        return task, cwd, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+    task, cwd, quiet = first_step(1.0)
+    assert quiet == [] and 0 < cwd < 100 * task
+    loud_weight = 1000 * task / cwd  # 1000x the task loss
+    _, _, loud = first_step(loud_weight)
+    assert len(loud) == 1 and "'cwd' is 1000x the task loss at the first step" in loud[0]
