@@ -220,7 +220,9 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         teacher = run_cached(teacher_cfg, f"teacher_{family}", args.runs_dir, args.dataset)
         # "baseline": the baseline recipe's student; "baselines": other students (by student_label) that some
         # method's recipe uses, trained alone on the same seeds; "students": method entry -> its student_label
-        records[family] = {"teacher": teacher, "baseline": {}, "baselines": {}, "students": {}, "methods": {}}
+        student = student_label(student_config(None, family, args, None, 0).model)
+        records[family] = {"teacher": teacher, "baseline": {}, "baselines": {}, "students": {}, "methods": {},
+                           "labels": {"teacher": student_label(teacher_cfg.model), "student": student}}
     if args.teacher_only:
         return records
     for seed in args.seed_list:

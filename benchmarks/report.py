@@ -35,8 +35,10 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
     rows = []
     for family, fam in payload["summary"].items():
         t = fam["teacher"]
-        rows.append([f"teacher R50 ({family})", *(f"{t[k]:.1f}" for k in METRICS), "", "", ""])
-        rows.append([f"baseline R18 ({family})", *(_ms(fam["baseline"][k]) for k in METRICS), "", "", ""])
+        labels = {"teacher": "R50", "student": "R18", **fam.get("labels", {})}
+        rows.append([f"teacher {labels['teacher']} ({family})", *(f"{t[k]:.1f}" for k in METRICS), "", "", ""])
+        rows.append([f"baseline {labels['student']} ({family})", *(_ms(fam["baseline"][k]) for k in METRICS), "", "",
+                     ""])
         for label, b in fam.get("baselines", {}).items():
             rows.append([f"baseline {label} ({family})", *(_ms(b[k]) for k in METRICS), "", "", ""])
         for method, r in fam["methods"].items():

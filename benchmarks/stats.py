@@ -49,7 +49,7 @@ def summarize(records: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
         base = {k: [_metric(rec["baseline"][s], k) for s in seeds] for k in METRICS}
         others = {label: {k: [_metric(runs[s], k) for s in seeds] for k in METRICS}
                   for label, runs in rec.get("baselines", {}).items()}
-        fam = {"teacher": teacher, "baseline": {k: mean_std(base[k]) for k in METRICS},
+        fam = {"teacher": teacher, "labels": rec.get("labels", {}), "baseline": {k: mean_std(base[k]) for k in METRICS},
                "baselines": {label: {k: mean_std(v[k]) for k in METRICS} for label, v in others.items()},
                "methods": {}}
         for method, runs in rec["methods"].items():

@@ -286,6 +286,8 @@ def test_a_method_that_widens_the_student_is_compared_with_that_student_alone(mo
     md = acc.accuracy_markdown({"meta": meta, "settings": {"dataset": "synth", "seeds": [0, 1], "overrides": []},
                                 "summary": {"fcos": summary}, "runs": records})
     assert f"| baseline {wide} (fcos) | 32.0 ± 0.1 |" in md and f"| fgd_inherit (fcos; student {wide}) |" in md
+    assert "| teacher R50-FPN128, 4 head convs (fcos) | 40.0 |" in md  # the rows name their models
+    assert "| baseline R18-FPN64, 2 head convs (fcos) | 30.0 ± 0.1 |" in md
     assert md.count("| baseline_fcos_s") == 4  # both students' baseline runs are listed
 
 
