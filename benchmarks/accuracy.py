@@ -218,11 +218,11 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         if args.teacher_epochs is not None:  # a teacher trained longer than the students (a stronger teacher)
             teacher_cfg = apply_override(teacher_cfg, f"train.epochs={args.teacher_epochs}")
         teacher = run_cached(teacher_cfg, f"teacher_{family}", args.runs_dir, args.dataset)
-        # "baseline": the baseline recipe's student; "baselines": other students (by student_label) that some
-        # method's recipe uses, trained alone on the same seeds; "students": method entry -> its student_label
-        student = student_label(student_config(None, family, args, None, 0).model)
+        # "baseline": the baseline recipe's student; "baselines": other students (by model_label) that some
+        # method's recipe uses, trained alone on the same seeds; "students": method entry -> its model_label
+        student = model_label(student_config(None, family, args, None, 0).model)
         records[family] = {"teacher": teacher, "baseline": {}, "baselines": {}, "students": {}, "methods": {},
-                           "labels": {"teacher": student_label(teacher_cfg.model), "student": student}}
+                           "labels": {"teacher": model_label(teacher_cfg.model), "student": student}}
     if args.teacher_only:
         return records
     for seed in args.seed_list:
@@ -235,7 +235,7 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
             cfg = student_config(method, family, args, records[family]["teacher"], seed, scales)
             base_cfg = student_config(None, family, args, None, seed)
             if cfg.model != base_cfg.model:  # e.g. fgd_inherit's student has the teacher's neck and head widths
-                student = student_label(cfg.model)
+                student = model_label(cfg.model)
                 records[family]["students"][entry] = student
                 runs = records[family]["baselines"].setdefault(student, {})
                 runs[seed] = run_cached(dataclasses.replace(base_cfg, model=cfg.model), f"baseline_{family}_s{seed}",
@@ -246,8 +246,9 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     return records
 
 
-def student_label(model: ModelConfig) -> str:
-    """How the report names a student that differs from the baseline recipe's (its own baseline)."""
+def model_label(model: ModelConfig) -> str:
+    """How the reports name a detector: backbone, FPN width, head convs (teachers, baselines, and a student that a
+    method's recipe changes)."""
     return f"{model.backbone.replace('resnet', 'R')}-FPN{model.fpn_channels}, {model.head_convs} head convs"
 
 

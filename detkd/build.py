@@ -88,6 +88,7 @@ def build_distiller(
 ) -> Distiller:
     s_adapter = build_adapter(student)
     t_adapter = teacher.adapter if teacher is not None else None
+    report = None
     if dc.inherit:
         if teacher is None:
             raise ConfigError("distill.inherit needs a teacher")
@@ -99,7 +100,6 @@ def build_distiller(
             key, why = next((s for s in report.skipped if s[1].startswith("shape")), ("(none)", "no neck/head keys"))
             raise ConfigError(f"distill.inherit: no weight of the teacher's neck or head fits the student (e.g. {key}: "
                               f"{why}); give the student the teacher's model.fpn_channels and model.head_convs")
-        log.info("distill.inherit: %s", report.summary())
     keys: dict[str, int] = {}
     losses = []
     for lc in dc.losses:
@@ -118,6 +118,8 @@ def build_distiller(
     if not losses:
         raise ConfigError("distill.losses has no term to train (empty, or every weight is 0): name at least one "
                           "method, or remove the distill section")
-    return Distiller(
+    distiller = Distiller(
         student, losses, teacher, task_weights=dc.task_weights, check_first_step=dc.check_first_step
     )
+    distiller.inherit_report = report  # what distill.inherit copied (None without it); the runner prints it
+    return distiller

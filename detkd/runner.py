@@ -91,6 +91,8 @@ def train_models(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module
         max_steps = total_steps(cfg.train, len(loader))
         trainable = build_distiller(student, frozen, cfg.distill, num_classes=train_set.num_classes,
                                     max_steps=max_steps)
+        if trainable.inherit_report is not None and dist.is_main:
+            print(f"distill.inherit: {trainable.inherit_report.summary()}", flush=True)
     else:
         if teacher is not None:
             raise ConfigError("a teacher is configured but no distill section: add distill.losses or drop the teacher")

@@ -83,8 +83,9 @@ def test_fgd_inherit_recipe_starts_from_the_teachers_neck_and_head(family):
     assert cfg.model.backbone == plain.model.backbone == "resnet18"  # only the neck and head are widened
     assert cfg.distill.losses == plain.distill.losses
     student, teacher = _small_pair(cfg)
-    build_distiller(student, teacher, cfg.distill, num_classes=7, max_steps=480)
+    d = build_distiller(student, teacher, cfg.distill, num_classes=7, max_steps=480)
     s_state, t_state = student.state_dict(), teacher.model.state_dict()
+    assert d.inherit_report.copied and d.inherit_report.summary().startswith("inherited ")
     head = "head.classification_head.conv.9.weight" if family == "fcos" else "roi_heads.box_head.fc6.weight"
     assert torch.equal(s_state[head], t_state[head])
     # the FPN's output convs fit (same width); its lateral 1x1 convs take the backbone's channels and cannot

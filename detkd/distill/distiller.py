@@ -66,6 +66,7 @@ class Distiller(nn.Module):
         self._teacher = [teacher] if teacher is not None else []  # a list keeps it out of state_dict / DDP
         self.task_weights = dict(task_weights or {})
         self.check_first_step = check_first_step
+        self.inherit_report = None  # set by build_distiller when distill.inherit copied the teacher's neck/head
         self.step = 0
         for sl in losses:
             if hasattr(sl.module, "bind_head"):
