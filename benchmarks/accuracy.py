@@ -226,14 +226,14 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     if args.teacher_only:
         return records
     for seed in args.seed_list:
-        for family in families:
-            rec = records[family]
-            cfg = student_config(None, family, args, None, seed)
-            rec["baseline"][seed] = run_cached(cfg, f"baseline_{family}_s{seed}", args.runs_dir, args.dataset)
+        base_cfgs = {family: student_config(None, family, args, None, seed) for family in families}
+        for family, base_cfg in base_cfgs.items():
+            records[family]["baseline"][seed] = run_cached(base_cfg, f"baseline_{family}_s{seed}", args.runs_dir,
+                                                           args.dataset)
         for entry, method, scales in args.variants:
             family = method_family(method.split("+")[0], args.family)
             cfg = student_config(method, family, args, records[family]["teacher"], seed, scales)
-            base_cfg = student_config(None, family, args, None, seed)
+            base_cfg = base_cfgs[family]
             if cfg.model != base_cfg.model:  # e.g. fgd_inherit's student has the teacher's neck and head widths
                 student = model_label(cfg.model)
                 records[family]["students"][entry] = student

@@ -118,8 +118,7 @@ def build_distiller(
     if not losses:
         raise ConfigError("distill.losses has no term to train (empty, or every weight is 0): name at least one "
                           "method, or remove the distill section")
-    distiller = Distiller(
-        student, losses, teacher, task_weights=dc.task_weights, check_first_step=dc.check_first_step
+    return Distiller(
+        student, losses, teacher, task_weights=dc.task_weights, check_first_step=dc.check_first_step,
+        inherit_report=report,
     )
-    distiller.inherit_report = report  # what distill.inherit copied (None without it); the runner prints it
-    return distiller

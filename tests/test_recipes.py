@@ -47,11 +47,16 @@ def test_synth_distillation_recipe_builds(path):
     assert [sl.module.name for sl in d.losses] == [lc.method for lc in cfg.distill.losses]
 
 
-def test_a_zero_weight_switches_a_term_off_and_a_negative_one_is_refused():
-    cfg = load_config(CONFIG_DIR / "ld_gfl_r50_r18_synth.yaml")
+def _small_pair(cfg):
     small = {"min_size": 64, "max_size": 64}
     student = build_model(dataclasses.replace(cfg.model, **small), num_classes=7)
     teacher = FrozenTeacher(build_model(dataclasses.replace(cfg.teacher, weights=None, **small), num_classes=7))
+    return student, teacher
+
+
+def test_a_zero_weight_switches_a_term_off_and_a_negative_one_is_refused():
+    cfg = load_config(CONFIG_DIR / "ld_gfl_r50_r18_synth.yaml")
+    student, teacher = _small_pair(cfg)
 
     def with_kd_weight(w):
         losses = [dataclasses.replace(lc, weight=w) if lc.method == "kd" else lc for lc in cfg.distill.losses]
@@ -66,12 +71,6 @@ def test_a_zero_weight_switches_a_term_off_and_a_negative_one_is_refused():
     with pytest.raises(ConfigError, match="every weight is 0"):
         build_distiller(student, teacher, all_off, num_classes=7, max_steps=480)
 
-
-def _small_pair(cfg):
-    small = {"min_size": 64, "max_size": 64}
-    student = build_model(dataclasses.replace(cfg.model, **small), num_classes=7)
-    teacher = FrozenTeacher(build_model(dataclasses.replace(cfg.teacher, weights=None, **small), num_classes=7))
-    return student, teacher
 
 
 @pytest.mark.parametrize("family", ["fcos", "faster_rcnn"])
