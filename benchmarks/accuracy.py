@@ -147,22 +147,34 @@ def scale_lgd_schedule(cfg: Config) -> Config:
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def run_cached(cfg: Config, label: str, runs_dir: Path, dataset: str) -> dict[str, Any]:
-    """Train + evaluate ``cfg`` unless a finished run with the same config hash exists; returns its record."""
+#: what a finished run leaves besides its record: the teacher's weights (the students distil from last.pt); the
+#: students' checkpoints only with --keep-weights (a three-seed study trains ~150 runs of ~265 MB each)
+RESUME_STATE, WEIGHTS = ("state.pt",), ("last.pt", "best.pt")
+
+
+def run_cached(cfg: Config, label: str, runs_dir: Path, dataset: str, keep_weights: bool = False) -> dict[str, Any]:
+    """Train + evaluate ``cfg`` unless a finished run with the same config hash exists; returns its record.
+
+    A finished run is one with ``bench.json``; with ``keep_weights`` (the teachers) also its ``last.pt``. Once
+    recorded, a run's resume state is deleted, and so are its checkpoints unless ``keep_weights``."""
     from detkd.runner import train_from_config
 
     key = config_hash(cfg)
     name = f"{dataset}_{label}_{key}"
     cfg = dataclasses.replace(cfg, name=name, output_dir=str(runs_dir))
     record_file = runs_dir / name / "bench.json"
+
+    def finished(record: Path) -> bool:
+        return record.is_file() and (not keep_weights or (record.parent / "last.pt").is_file())
+
     # processes splitting a study (--only-seeds, --methods) may need the same run (a baseline, a teacher): the first
     # trains it under an exclusive lock, the others wait for it and read its record
     with (runs_dir / f".{name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if record_file.is_file() and (runs_dir / name / "last.pt").is_file():
+        if finished(record_file):
             return json.loads(record_file.read_text())
         for other in sorted(runs_dir.glob(f"{dataset}_*_{key}/bench.json")):  # the same config under another label
-            if (other.parent / "last.pt").is_file():  # (e.g. a recipe that a study once built with --set overrides)
+            if finished(other):  # (e.g. a recipe that a study once built with --set overrides)
                 return {**json.loads(other.read_text()), "label": label}
         print(f"[accuracy] training {name} (seed {cfg.seed})", flush=True)
         result = train_from_config(cfg)
@@ -172,6 +184,8 @@ def run_cached(cfg: Config, label: str, runs_dir: Path, dataset: str) -> dict[st
                   "steps": result.steps, "wall_time_s": round(result.wall_time, 1), "date": now_iso(), "hash": key,
                   "skipped_steps": result.skipped_steps, "commit": git_commit(), "machine": _machine(cfg.train.device)}
         record_file.write_text(json.dumps(record, indent=2))
+        for file in RESUME_STATE + (() if keep_weights else WEIGHTS):
+            (Path(result.run_dir) / file).unlink(missing_ok=True)
         return record
 
 
@@ -217,7 +231,7 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         teacher_cfg = absolute_paths(with_overrides(load_recipe("teacher", family, args.dataset), args.overrides))
         if args.teacher_epochs is not None:  # a teacher trained longer than the students (a stronger teacher)
             teacher_cfg = apply_override(teacher_cfg, f"train.epochs={args.teacher_epochs}")
-        teacher = run_cached(teacher_cfg, f"teacher_{family}", args.runs_dir, args.dataset)
+        teacher = run_cached(teacher_cfg, f"teacher_{family}", args.runs_dir, args.dataset, keep_weights=True)
         # "baseline": the baseline recipe's student; "baselines": other students (by model_label) that some
         # method's recipe uses, trained alone on the same seeds; "students": method entry -> its model_label
         student = model_label(student_config(None, family, args, None, 0).model)
@@ -229,7 +243,7 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         base_cfgs = {family: student_config(None, family, args, None, seed) for family in families}
         for family, base_cfg in base_cfgs.items():
             records[family]["baseline"][seed] = run_cached(base_cfg, f"baseline_{family}_s{seed}", args.runs_dir,
-                                                           args.dataset)
+                                                           args.dataset, args.keep_weights)
         for entry, method, scales in args.variants:
             family = method_family(method.split("+")[0], args.family)
             cfg = student_config(method, family, args, records[family]["teacher"], seed, scales)
@@ -239,10 +253,10 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
                 records[family]["students"][entry] = student
                 runs = records[family]["baselines"].setdefault(student, {})
                 runs[seed] = run_cached(dataclasses.replace(base_cfg, model=cfg.model), f"baseline_{family}_s{seed}",
-                                        args.runs_dir, args.dataset)
+                                        args.runs_dir, args.dataset, args.keep_weights)
             label = f"{method.replace('+', '_')}_{family}_s{seed}"  # variants differ by the config hash in the name
             rec = records[family]["methods"].setdefault(entry, {})
-            rec[seed] = run_cached(cfg, label, args.runs_dir, args.dataset)
+            rec[seed] = run_cached(cfg, label, args.runs_dir, args.dataset, args.keep_weights)
     return records
 
 
@@ -272,6 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", dest="scale", action="append", default=[], metavar="METHOD=FACTOR",
                    help="multiply the weights of METHOD's loss terms by FACTOR (e.g. fgd=0.01)")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--keep-weights", action="store_true",
+                   help="keep every student's last.pt and best.pt (default: only the teachers'; records stay)")
     p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
     p.add_argument("--tag", default="", help="suffix of the result file names (accuracy_<dataset><tag>)")
     args = p.parse_args(argv)

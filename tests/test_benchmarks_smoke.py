@@ -12,6 +12,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -256,7 +257,8 @@ def test_a_method_that_widens_the_student_is_compared_with_that_student_alone(mo
     acc = _load("accuracy")
     trained = []
 
-    def fake_run(cfg, label, runs_dir, dataset):  # AP from the student's width and whether it distils
+    def fake_run(cfg, label, runs_dir, dataset, keep_weights=False):  # AP from the width and whether it distils
+        assert keep_weights == label.startswith("teacher")  # only the teachers' weights are needed afterwards
         trained.append((label, cfg))
         ap = {"teacher": 0.40}.get(label.split("_")[0], 0.30 + 0.02 * (cfg.model.fpn_channels == 128))
         ap += 0.01 * (cfg.distill is not None) + 0.001 * cfg.seed
@@ -298,21 +300,39 @@ def test_a_finished_run_is_found_by_its_config_hash_under_another_label(tmp_path
     old = tmp_path / f"synth_fgd_fcos_s0_{key}"  # e.g. the same run built by a study with --set overrides
     old.mkdir()
     (old / "bench.json").write_text(json.dumps(_record("fgd_fcos_s0", 0, 0.33)))
-    unfinished = tmp_path / f"synth_aaa_fcos_s0_{key}"  # sorted first; no checkpoint: not a finished run
-    unfinished.mkdir()
-    (unfinished / "bench.json").write_text(json.dumps(_record("aaa", 0, 0.99)))
 
     def no_training(cfg):
         raise AssertionError("a cached run was trained again")
 
     monkeypatch.setattr("detkd.runner.train_from_config", no_training)
-    with pytest.raises(AssertionError, match="trained again"):
-        acc.run_cached(cfg, "fgd_inherit_fcos_s0", tmp_path, "synth")
-    (old / "last.pt").write_bytes(b"")
-    record = acc.run_cached(cfg, "fgd_inherit_fcos_s0", tmp_path, "synth")
+    record = acc.run_cached(cfg, "fgd_inherit_fcos_s0", tmp_path, "synth")  # a student: its record is enough
     assert record["metrics"]["AP"] == 0.33 and record["label"] == "fgd_inherit_fcos_s0"
+    with pytest.raises(AssertionError, match="trained again"):  # a teacher must still have the weights to distil
+        acc.run_cached(cfg, "fgd_inherit_fcos_s0", tmp_path, "synth", keep_weights=True)
+    (old / "last.pt").write_bytes(b"")
+    assert acc.run_cached(cfg, "fgd_inherit_fcos_s0", tmp_path, "synth", keep_weights=True)["metrics"]["AP"] == 0.33
     with pytest.raises(AssertionError, match="trained again"):  # another dataset's run is not this one
         acc.run_cached(cfg, "fgd_inherit_fcos_s0", tmp_path, "bccd")
+
+
+@pytest.mark.parametrize("keep_weights", [False, True])
+def test_a_recorded_run_drops_its_resume_state_and_keeps_weights_only_if_asked(tmp_path, monkeypatch, keep_weights):
+    acc = _load("accuracy")
+    cfg = acc.load_recipe(None, "fcos", "synth")
+
+    def fake_training(cfg):  # what a finished run leaves in its folder
+        run_dir = Path(cfg.output_dir) / cfg.name
+        run_dir.mkdir(parents=True)
+        for file in ("state.pt", "last.pt", "best.pt", "metrics.jsonl"):
+            (run_dir / file).write_bytes(b"x")
+        return SimpleNamespace(run_dir=run_dir, metrics={"AP": 0.3}, steps=5, wall_time=1.0, skipped_steps=0,
+                               stopped=False)
+
+    monkeypatch.setattr("detkd.runner.train_from_config", fake_training)
+    record = acc.run_cached(cfg, "baseline_fcos_s0", tmp_path, "synth", keep_weights=keep_weights)
+    left = sorted(p.name for p in Path(record["run_dir"]).iterdir())
+    weights = ["best.pt", "last.pt"] if keep_weights else []
+    assert left == sorted(["bench.json", "metrics.jsonl", *weights])  # state.pt is gone either way
 
 
 @pytest.mark.slow
