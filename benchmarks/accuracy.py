@@ -28,7 +28,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -194,25 +194,59 @@ def _machine(device: str) -> str:
     return info["gpu"] or f"{info['cpu']} ({info['torch_threads']} threads)"
 
 
-def parse_variant(entry: str) -> tuple[str, dict[str, float]]:
-    """``"ld@kd=0.1:vlr_ld=0"`` -> ``("ld", {"kd": 0.1, "vlr_ld": 0.0})``: a method with its own loss-term scales,
-    which replace ``--scale``'s for those terms (a sweep in one report)."""
+class Variant(NamedTuple):
+    """One ``--methods`` entry: the method (or ``a+b``) with its own loss-term scales and loss parameters."""
+
+    entry: str
+    method: str
+    scales: dict[str, float]
+    params: dict[str, dict[str, float]]
+
+
+def parse_variant(entry: str) -> Variant:
+    """``"ld@kd=0.1:vlr_ld=0"``: LD with its own loss-term scales, which replace ``--scale``'s for those terms;
+    ``"fgd@fgd.alpha_fgd=0"``: FGD with a parameter of its ``fgd`` loss set (not scaled) — a sweep or an ablation in
+    one report."""
     method, _, spec = entry.partition("@")
     scales: dict[str, float] = {}
+    params: dict[str, dict[str, float]] = {}
     for item in filter(None, spec.split(":")):
         term, _, factor = item.partition("=")
+        loss, dot, param = term.partition(".")
         try:
             value = float(factor)  # also fails when "=" is missing (factor "")
         except ValueError:
             value = None
-        if not term or value is None:
-            raise ValueError(f"--methods {entry!r}: a variant is METHOD@TERM=FACTOR[:TERM=FACTOR...]")
-        scales[term] = value
-    return method, scales
+        if not loss or (dot and not param) or value is None:
+            raise ValueError(f"--methods {entry!r}: a variant is METHOD@TERM=FACTOR[:TERM=FACTOR...], "
+                             "where TERM is a loss (its weight is scaled) or LOSS.PARAM (the parameter is set)")
+        if dot:
+            params.setdefault(loss, {})[param] = value
+        else:
+            scales[loss] = value
+    return Variant(entry, method, scales, params)
+
+
+def set_loss_params(cfg: Config, params: dict[str, dict[str, float]], entry: str) -> Config:
+    """Set ``params[loss][name]`` in the recipe's ``loss`` terms; a loss or parameter the recipe lacks is an error
+    (a typo would otherwise leave the recipe as it is, and the report would call it an ablation)."""
+    if not params:
+        return cfg
+    losses = {lc.method: lc for lc in cfg.distill.losses} if cfg.distill else {}
+    for loss, values in params.items():
+        if loss not in losses:
+            raise ValueError(f"--methods {entry!r}: the recipe has no {loss!r} loss (it has {sorted(losses)})")
+        unknown = sorted(set(values) - set(losses[loss].params))
+        if unknown:
+            raise ValueError(f"--methods {entry!r}: the {loss!r} loss has no parameter {unknown[0]!r} "
+                             f"(it has {sorted(losses[loss].params)})")
+    new = [dataclasses.replace(lc, params={**lc.params, **params[lc.method]}) if lc.method in params else lc
+           for lc in cfg.distill.losses]
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, losses=new))
 
 
 def student_config(method: str | None, family: str, args: argparse.Namespace, teacher_run: dict | None,
-                   seed: int, scales: dict[str, float] | None = None) -> Config:
+                   seed: int, variant: Variant | None = None) -> Config:
     cfg = absolute_paths(with_overrides(load_recipe(method, family, args.dataset), args.overrides))
     if cfg.teacher is not None:
         if teacher_run is None:
@@ -220,12 +254,22 @@ def student_config(method: str | None, family: str, args: argparse.Namespace, te
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(
             cfg.teacher, weights=str(Path(teacher_run["run_dir"]) / "last.pt")))
     cfg = dataclasses.replace(cfg, seed=seed)
-    return scale_lgd_schedule(scale_losses(cfg, {**args.scales, **(scales or {})}))
+    if variant is not None:
+        terms = {lc.method for lc in cfg.distill.losses} if cfg.distill else set()
+        missing = sorted(set(variant.scales) - terms)
+        if missing:
+            raise ValueError(f"--methods {variant.entry!r}: the recipe has no {missing[0]!r} loss "
+                             f"(it has {sorted(terms)})")
+        cfg = set_loss_params(cfg, variant.params, variant.entry)
+    scales = {**args.scales, **(variant.scales if variant else {})}
+    return scale_lgd_schedule(scale_losses(cfg, scales))
 
 
 def study(args: argparse.Namespace) -> dict[str, Any]:
     """Teachers, baselines and methods for every (family, seed); returns per-family run records."""
-    families = sorted({method_family(method.split("+")[0], args.family) for _, method, _ in args.variants})
+    families = sorted({method_family(v.method.split("+")[0], args.family) for v in args.variants})
+    for v in args.variants:  # a variant naming a loss or parameter its recipe lacks fails now, not after the teachers
+        student_config(v.method, method_family(v.method.split("+")[0], args.family), args, {"run_dir": "."}, 0, v)
     records: dict[str, Any] = {}
     for family in families:
         teacher_cfg = absolute_paths(with_overrides(load_recipe("teacher", family, args.dataset), args.overrides))
@@ -244,9 +288,10 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         for family, base_cfg in base_cfgs.items():
             records[family]["baseline"][seed] = run_cached(base_cfg, f"baseline_{family}_s{seed}", args.runs_dir,
                                                            args.dataset, args.keep_weights)
-        for entry, method, scales in args.variants:
+        for variant in args.variants:
+            entry, method = variant.entry, variant.method
             family = method_family(method.split("+")[0], args.family)
-            cfg = student_config(method, family, args, records[family]["teacher"], seed, scales)
+            cfg = student_config(method, family, args, records[family]["teacher"], seed, variant)
             base_cfg = base_cfgs[family]
             if cfg.model != base_cfg.model:  # e.g. fgd_inherit's student has the teacher's neck and head widths
                 student = model_label(cfg.model)
@@ -272,7 +317,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--family", default="retinanet", help="family of the feature methods and LGD")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated; 'a+b' for a combination; 'ld@kd=0.1:vlr_ld=0' for a method with its own "
-                        "loss-term scales (they replace --scale's for those terms)")
+                        "loss-term scales (they replace --scale's for those terms); 'fgd@fgd.alpha_fgd=0' for one "
+                        "with a loss parameter set")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--only-seeds", default=None, help="train only these seeds (e.g. '1' or '0,2'); report skipped")
     p.add_argument("--teacher-only", action="store_true", help="train (or find) the teachers and stop")
@@ -292,8 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix of the result file names (accuracy_<dataset><tag>)")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    try:  # (entry as given, its method, its own term scales), parsed once
-        args.variants = [(m, *parse_variant(m)) for m in args.methods]
+    try:  # parsed once
+        args.variants = [parse_variant(m) for m in args.methods]
     except ValueError as err:
         p.error(str(err))
     try:

@@ -186,9 +186,9 @@ def test_scale_losses_touches_only_the_named_method():
 
 def test_method_variants_carry_their_own_term_scales():
     acc = _load("accuracy")
-    assert acc.parse_variant("ld@kd=0.1:vlr_ld=0") == ("ld", {"kd": 0.1, "vlr_ld": 0.0})
-    assert acc.parse_variant("cwd+lgd") == ("cwd+lgd", {})
-    for bad in ("ld@kd", "ld@kd=x", "ld@=1"):
+    assert acc.parse_variant("ld@kd=0.1:vlr_ld=0") == ("ld@kd=0.1:vlr_ld=0", "ld", {"kd": 0.1, "vlr_ld": 0.0}, {})
+    assert acc.parse_variant("cwd+lgd") == ("cwd+lgd", "cwd+lgd", {}, {})
+    for bad in ("ld@kd", "ld@kd=x", "ld@=1", "fgd@fgd.=0", "fgd@.alpha_fgd=0"):
         with pytest.raises(ValueError, match="METHOD@TERM=FACTOR"):
             acc.parse_variant(bad)
     with pytest.raises(SystemExit):
@@ -196,12 +196,34 @@ def test_method_variants_carry_their_own_term_scales():
     args = acc.parse_args(["--dataset", "synth", "--scale", "kd=0.5", "--scale", "fgd=0.01"])
     teacher = {"run_dir": "/nowhere"}
     plain = acc.student_config("ld", "gfl", args, teacher, 0)
-    variant = acc.student_config("ld", "gfl", args, teacher, 0, acc.parse_variant("ld@kd=0:vlr_ld=2")[1])
+    variant = acc.student_config("ld", "gfl", args, teacher, 0, acc.parse_variant("ld@kd=0:vlr_ld=2"))
     w_plain = {lc.method: lc.weight for lc in plain.distill.losses}
     w_var = {lc.method: lc.weight for lc in variant.distill.losses}
     assert w_plain["kd"] == pytest.approx(5.0)  # --scale applies when the variant is silent
     assert w_var == {"ld": w_plain["ld"], "kd": 0.0, "vlr_ld": pytest.approx(2 * w_plain["vlr_ld"])}
     assert acc.config_hash(plain) != acc.config_hash(variant)
+    with pytest.raises(ValueError, match="no 'vlr' loss"):  # a typo is not silently a copy of the recipe
+        acc.student_config("ld", "gfl", args, teacher, 0, acc.parse_variant("ld@vlr=0"))
+
+
+def test_a_variant_sets_a_loss_parameter_for_an_ablation():
+    acc = _load("accuracy")
+    args = acc.parse_args(["--dataset", "thermal", "--family", "fcos", "--scale", "fgd=0.01"])
+    teacher = {"run_dir": "/nowhere"}
+    plain = acc.student_config("fgd", "fcos", args, teacher, 0)
+    no_fg = acc.student_config("fgd", "fcos", args, teacher, 0,
+                               acc.parse_variant("fgd@fgd.alpha_fgd=0:fgd.lambda_fgd=0"))
+    (p,), (v,) = plain.distill.losses, no_fg.distill.losses
+    assert v.params == {**p.params, "alpha_fgd": 0.0, "lambda_fgd": 0.0}  # set, the others as the recipe's
+    assert v.weight == p.weight == pytest.approx(0.01)  # --scale still applies to the loss's weight
+    assert acc.config_hash(plain) != acc.config_hash(no_fg)
+    for bad, match in (("fgd@fgd.alpha=0", "no parameter 'alpha'"), ("fgd@cwd.tau=1", "no 'cwd' loss")):
+        with pytest.raises(ValueError, match=match):
+            acc.student_config("fgd", "fcos", args, teacher, 0, acc.parse_variant(bad))
+    bad_args = acc.parse_args(["--dataset", "thermal", "--family", "fcos", "--methods", "fgd@fgd.alpha=0"])
+    with pytest.raises(ValueError, match="no parameter 'alpha'"):  # before any teacher is trained
+        acc.study(bad_args)
+
 
 def _record(label: str, seed: int, ap: float) -> dict:
     return {"label": label, "seed": seed, "metrics": {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.05},
