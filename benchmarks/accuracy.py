@@ -160,7 +160,7 @@ def run_cached(cfg: Config, label: str, runs_dir: Path, dataset: str, keep_weigh
     from detkd.runner import train_from_config
 
     key = config_hash(cfg)
-    name = f"{dataset}_{label}_{key}"
+    name = f"{dataset}_{label}_{key}"  # (cached_run_dir)
     cfg = dataclasses.replace(cfg, name=name, output_dir=str(runs_dir))
     record_file = runs_dir / name / "bench.json"
 
@@ -265,6 +265,19 @@ def student_config(method: str | None, family: str, args: argparse.Namespace, te
     return scale_lgd_schedule(scale_losses(cfg, scales))
 
 
+def teacher_config(family: str, args: argparse.Namespace) -> Config:
+    """The teacher run of a study (its config hash names its cached run folder)."""
+    cfg = absolute_paths(with_overrides(load_recipe("teacher", family, args.dataset), args.overrides))
+    if args.teacher_epochs is not None:  # a teacher trained longer than the students (a stronger teacher)
+        cfg = apply_override(cfg, f"train.epochs={args.teacher_epochs}")
+    return cfg
+
+
+def cached_run_dir(cfg: Config, label: str, args: argparse.Namespace) -> Path:
+    """Where ``run_cached(cfg, label, ...)`` keeps (or would keep) the run."""
+    return args.runs_dir / f"{args.dataset}_{label}_{config_hash(cfg)}"
+
+
 def study(args: argparse.Namespace) -> dict[str, Any]:
     """Teachers, baselines and methods for every (family, seed); returns per-family run records."""
     families = sorted({method_family(v.method.split("+")[0], args.family) for v in args.variants})
@@ -272,9 +285,7 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         student_config(v.method, method_family(v.method.split("+")[0], args.family), args, {"run_dir": "."}, 0, v)
     records: dict[str, Any] = {}
     for family in families:
-        teacher_cfg = absolute_paths(with_overrides(load_recipe("teacher", family, args.dataset), args.overrides))
-        if args.teacher_epochs is not None:  # a teacher trained longer than the students (a stronger teacher)
-            teacher_cfg = apply_override(teacher_cfg, f"train.epochs={args.teacher_epochs}")
+        teacher_cfg = teacher_config(family, args)
         teacher = run_cached(teacher_cfg, f"teacher_{family}", args.runs_dir, args.dataset, keep_weights=True)
         # "baseline": the baseline recipe's student; "baselines": other students (by model_label) that some
         # method's recipe uses, trained alone on the same seeds; "students": method entry -> its model_label

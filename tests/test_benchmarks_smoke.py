@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -375,3 +376,56 @@ def test_accuracy_end_to_end_tiny_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr("detkd.runner.train_from_config", no_training)
     again = acc.main(argv)
     assert again["summary"] == payload["summary"]
+
+
+# ------------------------------------------------------------------------------------------------ fgd_attention
+
+
+def test_fgd_attention_level_stats_on_a_known_map():
+    fa = _load("fgd_attention")
+    t = torch.zeros(1, 4, 5, 5)
+    t[0, 1, 2, 2] = 1000.0  # one activation: attention one-hot on that cell and channel
+    fg = torch.zeros(1, 5, 5)
+    fg[0, 1:4, 1:4] = 1 / 9  # a 3x3 box around it
+    s = {k: float(v) for k, v in fa.level_stats(t, fg, 0.8).items()}
+    assert s["spatial_support"] == pytest.approx(1 / 25, abs=1e-4)
+    assert s["channel_support"] == pytest.approx(1 / 4, abs=1e-4)
+    assert s["peak_spatial"] == pytest.approx(25.0, rel=1e-4)
+    assert s["attention_in_fg"] == pytest.approx(1.0, rel=1e-4) and s["fg_area"] == pytest.approx(9 / 25)
+    assert s["mean_abs"] == pytest.approx(1000.0 / 100)
+    fg_elsewhere = torch.zeros(1, 5, 5)
+    fg_elsewhere[0, 0, 0] = 1.0  # the box misses the peak: no attention inside it
+    assert float(fa.level_stats(t, fg_elsewhere, 0.8)["attention_in_fg"]) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_fgd_attention_end_to_end_on_a_cached_teacher(tmp_path):
+    fa = _load("fgd_attention")
+    from detkd.build import build_model
+    from detkd.data import build_dataset
+
+    argv = ["--datasets", "synth", "--family", "fcos", "--cpu-reduced", "--images", "4", "--temps", "0.8,8",
+            "--set", "data.synthetic.num_train=4", "--set", "data.synthetic.num_val=4",
+            "--set", f"data.root={tmp_path / 'synth'}", "--runs-dir", str(tmp_path / "runs"),
+            "--out-dir", str(tmp_path / "res")]
+    with pytest.raises(SystemExit, match="no finished teacher run"):
+        fa.main(argv)
+    args = fa.parse_args(argv)
+    s_args = fa.study_args("synth", args)
+    cfg = fa.acc.teacher_config("fcos", s_args)
+    run_dir = fa.acc.cached_run_dir(cfg, "teacher_fcos", s_args)  # where accuracy.py would have trained it
+    run_dir.mkdir(parents=True)
+    classes = build_dataset(cfg.data, cfg.data.val_split, train=False).num_classes
+    torch.manual_seed(0)
+    torch.save(build_model(cfg.model, classes).state_dict(), run_dir / "last.pt")
+    (run_dir / "bench.json").write_text(json.dumps({"metrics": {"AP": 0.25}}))
+    payload = fa.main(argv)
+    _check_meta(payload["meta"])
+    teacher = payload["teachers"]["synth"]
+    assert teacher["AP"] == pytest.approx(25.0) and set(teacher["levels"]) == {"p3", "p4", "p5", "p6", "p7"}
+    for per_temp in teacher["levels"].values():
+        assert set(per_temp) == {"0.8", "8.0"}
+        cold, warm = per_temp["0.8"], per_temp["8.0"]
+        assert 0 < cold["spatial_support"] <= warm["spatial_support"] <= 1 + 1e-6  # a larger temp spreads it
+        assert cold["mean_abs"] == warm["mean_abs"] > 0
+    md = (tmp_path / "res" / "fgd_attention.md").read_text()
+    assert "## synth: teacher AP 25.0" in md and md.count("| p3 |") == 2

@@ -49,6 +49,20 @@ def fgd_attention(f: Tensor, temp: float) -> tuple[Tensor, Tensor]:
     return spatial.reshape(n, h, w), channel
 
 
+def attention_support(spatial: Tensor, channel: Tensor) -> tuple[Tensor, Tensor]:
+    """Effective support of FGD attention maps, as a fraction of the cells and of the channels, per image:
+    (sum a)^2 / (K sum a^2) for a map a over K entries — 1 for uniform attention, 1/K for one-hot.
+
+    spatial (N, H, W) and channel (N, C) from :func:`fgd_attention`. The focal loss weights each (cell, channel) by
+    A_S A_C: when both supports are a few percent, it imitates a handful of teacher activations with weights in the
+    hundreds (a teacher whose ``mean_c |T|`` varies by many ``temp`` across the map, e.g. one trained from scratch)."""
+    def support(a: Tensor) -> Tensor:
+        a = a.flatten(1).float()
+        return a.sum(1).square() / (a.shape[1] * a.square().sum(1))
+
+    return support(spatial), support(channel)
+
+
 def fgd_focal_loss(
     s: Tensor, t: Tensor, fg: Tensor, bg: Tensor, spatial_t: Tensor, channel_t: Tensor
 ) -> tuple[Tensor, Tensor]:
