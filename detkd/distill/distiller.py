@@ -173,6 +173,8 @@ class Distiller(nn.Module):
                     f"distillation method {sl.key!r} has no gradient path to the student or its connectors"
                 )
             self._warn_if_loud(sl.key, value, losses)
+            for note in sl.module.first_step_notes():
+                warnings.warn(f"distillation method {sl.key!r}: {note}", UserWarning, stacklevel=2)
 
     def _warn_if_loud(self, key: str, value: float, losses: dict[str, Tensor]) -> None:
         """Official weights assume the paper's features (pretrained backbones, COCO images); on other data a term can

@@ -48,3 +48,8 @@ class DistillLoss(nn.Module):
     def forward(self, student: DetOutputs, teacher: DetOutputs | None) -> dict[str, Tensor]:
         """Return ``{term_name: scalar}`` (e.g. ``{"p3": ..., "p4": ...}`` or ``{"ld/p3": ...}``), unweighted."""
         raise NotImplementedError
+
+    def first_step_notes(self) -> list[str]:
+        """Warnings about the data this loss saw in its last forward, which the Distiller issues after the first
+        step (e.g. FGD's teacher attention collapsing onto a few activations). Default: none."""
+        return []

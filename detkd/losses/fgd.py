@@ -36,6 +36,11 @@ FGD_DEFAULTS: dict[str, dict[str, float]] = {
     "reppoints": {"temp": 0.5, "alpha_fgd": 1.6e-3, "beta_fgd": 8e-4, "gamma_fgd": 8e-4, "lambda_fgd": 8e-6},
 }
 
+#: a level whose teacher spatial attention covers less than this fraction of its cells (``attention_support``) gets
+#: a first-step note. The studies' teachers at FCOS's temp 0.8: thermal P3 0.7% (FGD lost 10-20 AP there), BCCD
+#: 12%, synthetic 23% (benchmarks/results/fgd_attention.md).
+NARROW_SUPPORT = 0.02
+
 _PARAMS = {"temp": 0.5, "alpha_fgd": 1e-3, "beta_fgd": 5e-4, "gamma_fgd": 1e-3, "lambda_fgd": 5e-6, "use_padded": False}
 
 
@@ -167,6 +172,8 @@ class FGDLoss(DistillLoss):
             "rel": float(cfg["lambda_fgd"]),
         }
         self.use_padded = bool(cfg["use_padded"])
+        #: per level, the effective support of the teacher's spatial attention in the last batch, per image (N,)
+        self.teacher_support: dict[str, Tensor] = {}
         if teacher_specs is None:
             raise ValueError("FGDLoss needs teacher feature specs")
         self.per_level = nn.ModuleDict()
@@ -205,8 +212,21 @@ class FGDLoss(DistillLoss):
             )
         return self.per_level[level].align(s), t
 
+    def first_step_notes(self) -> list[str]:
+        narrow = {lv: float(v.mean()) for lv, v in self.teacher_support.items() if float(v.mean()) < NARROW_SUPPORT}
+        if not narrow:
+            return []
+        where = ", ".join(f"{lv} {100 * v:.1f}%" for lv, v in narrow.items())
+        return [f"the teacher's spatial attention at temp={self.temp:g} covers only {where} of the cells (near "
+                "one-hot): the focal loss imitates a few teacher activations with weights in the hundreds. The "
+                "official temperatures suit pretrained teachers; on a teacher whose features are this peaked, FGD "
+                "lost AP in detkd's thermal study at every weight tried, less with a larger temp (README, 'FGD on "
+                "thermal'). benchmarks/fgd_attention.py measures the support per level and temperature"]
+
     def _level_terms(self, level: str, s: Tensor, t: Tensor, fg: Tensor, bg: Tensor) -> dict[str, Tensor]:
         spatial_t, channel_t = fgd_attention(t, self.temp)
+        with torch.no_grad():  # kept for first_step_notes (tensors: no device sync on every step)
+            self.teacher_support[level] = attention_support(spatial_t, channel_t)[0]
         spatial_s, channel_s = fgd_attention(s, self.temp)
         fg_loss, bg_loss = fgd_focal_loss(s, t, fg, bg, spatial_t, channel_t)
         at_loss = fgd_attention_loss(spatial_s, channel_s, spatial_t, channel_t)

@@ -311,3 +311,20 @@ def test_a_term_that_drowns_the_task_loss_is_reported_at_the_first_step():
     loud_weight = 1000 * task / cwd  # 1000x the task loss
     _, _, loud = first_step(loud_weight)
     assert len(loud) == 1 and "'cwd' is 1000x the task loss at the first step" in loud[0]
+
+
+def test_a_loss_can_add_its_own_notes_at_the_first_step(monkeypatch):
+    import warnings
+
+    d = _distiller("retinanet", [LossConfig("fgd")])
+    d.train()
+    out = d(*_batch())
+    (sl,) = d.losses
+    # FGD records its teacher's attention support while it computes its terms (the tiny random teacher is not peaked)
+    assert set(sl.module.teacher_support) == set(sl.module.levels) and sl.module.first_step_notes() == []
+    monkeypatch.setattr(sl.module, "first_step_notes", lambda: ["the teacher's attention is near one-hot"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d.step_check(out)
+    notes = [str(w.message) for w in caught if "one-hot" in str(w.message)]
+    assert notes == [f"distillation method {sl.key!r}: the teacher's attention is near one-hot"]

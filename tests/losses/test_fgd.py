@@ -11,7 +11,14 @@ import math
 import pytest
 import torch
 
-from detkd.losses.fgd import FGD_DEFAULTS, FGDLoss, attention_support, fgd_attention, fgd_focal_loss
+from detkd.losses.fgd import (
+    FGD_DEFAULTS,
+    NARROW_SUPPORT,
+    FGDLoss,
+    attention_support,
+    fgd_attention,
+    fgd_focal_loss,
+)
 from detkd.models.connectors import Connector
 from detkd.regions.fgd import fgd_masks
 from detkd.structures import DetOutputs, FeatureSpec
@@ -215,3 +222,26 @@ def test_errors_name_level_and_shapes():
     no_targets.targets = None
     with pytest.raises(ValueError, match="targets"):
         loss(no_targets, _outputs(torch.zeros(1, 2, 2, 3), [[]]))
+
+
+def test_a_near_one_hot_teacher_attention_gets_a_first_step_note():
+    loss = FGDLoss(["p3"], SPECS, SPECS, temp=0.8, **UNIT)
+    assert loss.first_step_notes() == []  # nothing seen yet
+    s = torch.randn(2, 2, 10, 10)
+    flat = torch.ones(2, 2, 10, 10)  # uniform attention: support 100% of the cells
+    loss(_outputs(s, [[[0, 0, 10, 10]]] * 2, batch_shape=(160, 160)), _outputs(flat, [[[0, 0, 10, 10]]] * 2,
+                                                                               batch_shape=(160, 160)))
+    torch.testing.assert_close(loss.teacher_support["p3"], torch.ones(2))
+    assert loss.first_step_notes() == []
+    peaked = torch.ones(2, 2, 10, 10)
+    peaked[:, :, 4, 7] = 50.0  # one cell far above the rest at temp 0.8: support ~1 cell of 100
+    loss(_outputs(s, [[[0, 0, 10, 10]]] * 2, batch_shape=(160, 160)), _outputs(peaked, [[[0, 0, 10, 10]]] * 2,
+                                                                                 batch_shape=(160, 160)))
+    assert float(loss.teacher_support["p3"].mean()) == pytest.approx(0.01, abs=1e-3)
+    (note,) = loss.first_step_notes()
+    assert "temp=0.8 covers only p3 1.0% of the cells" in note
+    # the same map at a temperature that spreads it: no note
+    warm = FGDLoss(["p3"], SPECS, SPECS, temp=100.0, **UNIT)
+    warm(_outputs(s, [[[0, 0, 10, 10]]] * 2, batch_shape=(160, 160)), _outputs(peaked, [[[0, 0, 10, 10]]] * 2,
+                                                                                 batch_shape=(160, 160)))
+    assert float(warm.teacher_support["p3"].mean()) > NARROW_SUPPORT and warm.first_step_notes() == []
