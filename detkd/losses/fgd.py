@@ -218,8 +218,8 @@ class FGDLoss(DistillLoss):
             return []
         where = ", ".join(f"{lv} {100 * v:.1f}%" for lv, v in narrow.items())
         return [f"the teacher's spatial attention at temp={self.temp:g} covers only {where} of the cells (near "
-                "one-hot): the focal loss imitates a few teacher activations with weights in the hundreds. The "
-                "official temperatures suit pretrained teachers; on a teacher whose features are this peaked, FGD "
+                "one-hot): the focal loss imitates a few teacher activations with weights up to H*W*C. The "
+                "official temperatures were set for ImageNet-pretrained teachers; with a teacher this peaked, FGD "
                 "lost AP in detkd's thermal study at every weight tried, less with a larger temp (README, 'FGD on "
                 "thermal'). benchmarks/fgd_attention.py measures the support per level and temperature"]
 
