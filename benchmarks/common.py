@@ -42,6 +42,8 @@ def cpu_model() -> str:
 
 def git_commit() -> str:
     """Short commit of the repository, with ``+dirty`` when tracked or untracked files differ; "unknown" outside git.
+    ``benchmarks/results/`` does not count: a script writes its own outputs there (accuracy.py its plot) before it
+    records the commit.
 
     ``BENCH_COMMIT`` in the environment wins (a copy of the tree without ``.git``, e.g. on a remote GPU machine).
     """
@@ -52,7 +54,8 @@ def git_commit() -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"], cwd=ROOT,
+            capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

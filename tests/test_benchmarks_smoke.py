@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -429,3 +430,33 @@ def test_fgd_attention_end_to_end_on_a_cached_teacher(tmp_path):
         assert cold["mean_abs"] == warm["mean_abs"] > 0
     md = (tmp_path / "res" / "fgd_attention.md").read_text()
     assert "## synth: teacher AP 25.0" in md and md.count("| p3 |") == 2
+
+
+# ------------------------------------------------------------------------------------------------ common
+
+
+def test_git_commit_is_dirty_for_code_changes_but_not_for_the_scripts_own_results(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    common = _load("common")
+    monkeypatch.delenv("BENCH_COMMIT", raising=False)
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, env={**os.environ, **env})
+
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "c")
+    clean = common.git_commit()
+    assert clean and "+dirty" not in clean
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "accuracy_x.png").write_bytes(b"png")  # the script's own output
+    assert common.git_commit() == clean
+    (tmp_path / "code.py").write_text("x = 2\n")  # the measured code changed
+    assert common.git_commit() == f"{clean}+dirty"
