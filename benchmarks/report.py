@@ -90,7 +90,10 @@ def accuracy_plot(summary: dict[str, Any], path: Path, title: str) -> Path:
 
     fams = list(summary)
     widths = [1 + len(summary[f].get("baselines", {})) + len(summary[f]["methods"]) for f in fams]
-    fig, axes = plt.subplots(1, len(fams), figsize=(1.0 + 1.1 * sum(widths), 4.2), squeeze=False,
+    longest = max((len(m) for f in fams for m in summary[f]["methods"]), default=0)
+    # rotated tick labels take height from the bars: add it back for long entries (variants with parameters)
+    fig, axes = plt.subplots(1, len(fams), figsize=(1.0 + 1.1 * sum(widths), 4.2 + 0.05 * max(0, longest - 20)),
+                             squeeze=False,
                              gridspec_kw={"width_ratios": widths})
     for ax, family in zip(axes[0], fams):
         fam = summary[family]
@@ -110,7 +113,7 @@ def accuracy_plot(summary: dict[str, Any], path: Path, title: str) -> Path:
         ax.set_ylabel("COCO AP (x100)")
         ax.legend(loc="lower right", fontsize=8)
         top = max([fam["teacher"]["AP"], *(m + e for m, e in zip(means, errs))])
-        ax.set_ylim(0, max(top * 1.15, 1.0))  # an untrained run (AP 0) still gets a readable axis
+        ax.set_ylim(0, max(top * 1.2, 1.0))  # an untrained run (AP 0) still gets a readable axis
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
