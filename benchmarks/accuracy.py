@@ -167,9 +167,9 @@ def run_cached(cfg: Config, label: str, runs_dir: Path, dataset: str, keep_weigh
     def finished(record: Path) -> bool:
         return record.is_file() and (not keep_weights or (record.parent / "last.pt").is_file())
 
-    # processes splitting a study (--only-seeds, --methods) may need the same run (a baseline, a teacher): the first
-    # trains it under an exclusive lock, the others wait for it and read its record
-    with (runs_dir / f".{name}.lock").open("w") as lock:
+    # processes splitting a study (--only-seeds, --methods) may need the same run (a baseline, a teacher), perhaps
+    # under another label: the first trains it under an exclusive lock on the config, the others wait and read it
+    with (runs_dir / f".{dataset}_{key}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if finished(record_file):
             return json.loads(record_file.read_text())
