@@ -172,8 +172,8 @@ class FGDLoss(DistillLoss):
             "rel": float(cfg["lambda_fgd"]),
         }
         self.use_padded = bool(cfg["use_padded"])
-        #: per level, the effective support of the teacher's spatial attention in the last batch, per image (N,)
-        self.teacher_support: dict[str, Tensor] = {}
+        #: per level, the teacher's spatial attention A_S (N, H, W) of the last batch (kept for first_step_notes)
+        self.teacher_attention: dict[str, Tensor] = {}
         if teacher_specs is None:
             raise ValueError("FGDLoss needs teacher feature specs")
         self.per_level = nn.ModuleDict()
@@ -212,8 +212,14 @@ class FGDLoss(DistillLoss):
             )
         return self.per_level[level].align(s), t
 
+    @property
+    def teacher_support(self) -> dict[str, Tensor]:
+        """Per level, the effective support (``attention_support``) of the last batch's A_S, per image (N,)."""
+        return {lv: attention_support(a, a.new_ones(a.shape[0], 1))[0] for lv, a in self.teacher_attention.items()}
+
     def first_step_notes(self) -> list[str]:
-        narrow = {lv: float(v.mean()) for lv, v in self.teacher_support.items() if float(v.mean()) < NARROW_SUPPORT}
+        support = {lv: float(v.mean()) for lv, v in self.teacher_support.items()}
+        narrow = {lv: v for lv, v in support.items() if v < NARROW_SUPPORT}
         if not narrow:
             return []
         where = ", ".join(f"{lv} {100 * v:.1f}%" for lv, v in narrow.items())
@@ -225,8 +231,7 @@ class FGDLoss(DistillLoss):
 
     def _level_terms(self, level: str, s: Tensor, t: Tensor, fg: Tensor, bg: Tensor) -> dict[str, Tensor]:
         spatial_t, channel_t = fgd_attention(t, self.temp)
-        with torch.no_grad():  # kept for first_step_notes (tensors: no device sync on every step)
-            self.teacher_support[level] = attention_support(spatial_t, channel_t)[0]
+        self.teacher_attention[level] = spatial_t  # (of the detached teacher map: no graph is kept)
         spatial_s, channel_s = fgd_attention(s, self.temp)
         fg_loss, bg_loss = fgd_focal_loss(s, t, fg, bg, spatial_t, channel_t)
         at_loss = fgd_attention_loss(spatial_s, channel_s, spatial_t, channel_t)
