@@ -16,6 +16,7 @@ from detkd.data import build_dataset
 from detkd.data.loader import build_loader
 from detkd.distill.lgd_eval import evaluate_label_guided, label_guided_modules
 from detkd.distill.teacher import FrozenTeacher
+from detkd.engine.checkpoint import seed_everything
 from detkd.engine.distributed import barrier, init_distributed, is_main
 from detkd.engine.loop import fit
 from detkd.engine.optim import total_steps
@@ -60,8 +61,12 @@ def load_student_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 
 def train_from_config(cfg: Config, *, resume: bool | str = False) -> RunResult:
-    """Train the configured student (plain or distilled) and evaluate it; DDP when launched by torchrun."""
+    """Train the configured student (plain or distilled) and evaluate it; DDP when launched by torchrun.
+
+    ``cfg.seed`` fixes the student's initial weights as well as the data order: the global RNG is seeded right
+    before the model is built (the process's RNG state at start differs from run to run)."""
     num_classes = _num_classes(cfg)
+    seed_everything(cfg.seed)
     student = build_model(cfg.model, num_classes)
     teacher = build_model(cfg.teacher, num_classes) if cfg.teacher is not None else None
     if teacher is not None and not cfg.teacher.weights:
