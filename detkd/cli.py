@@ -11,6 +11,10 @@ from rich.console import Console
 
 from detkd.config import ConfigError, SynthConfig, load_config
 
+#: ``detkd demo --method`` choices, the default first (detkd.demo's METHODS and DEFAULT_METHOD; not imported here, so
+#: that the parser does not load the models)
+DEMO_METHODS = ("cwd", "fgd", "hint", "ld", "lgd")
+
 console = Console()
 
 
@@ -123,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the embedded default: synthetic data, teacher, student, distillation, table")
     d.add_argument("--quick", action="store_true", help="a ≤ 3-minute smoke run")
-    d.add_argument("--method", default="fgd", help="method of the distilled row: fgd, cwd, hint, ld, lgd")
+    d.add_argument("--method", default=DEMO_METHODS[0], choices=DEMO_METHODS,
+                   help=f"method of the distilled row (default {DEMO_METHODS[0]})")
     d.add_argument("--out", default=".cache/detkd/demo")
     d.set_defaults(func=_cmd_demo)
 

@@ -131,3 +131,13 @@ def test_a_run_stopped_by_a_signal_is_not_taken_for_a_finished_one(tmp_path, mon
     (teacher.run_dir / "result.json").unlink()
     with pytest.raises(SystemExit, match="interrupted during teacher"):
         demo.run_demo(quick=True, out_dir=tmp_path / "demo")
+
+
+def test_the_demo_parser_offers_the_demos_methods_with_its_default_first():
+    import detkd.demo as demo
+    from detkd.cli import DEMO_METHODS, build_parser
+
+    assert set(DEMO_METHODS) == set(demo.METHODS) and DEMO_METHODS[0] == demo.DEFAULT_METHOD == "cwd"
+    assert build_parser().parse_args(["demo"]).method == "cwd"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--method", "kd"])
