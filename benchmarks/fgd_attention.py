@@ -44,7 +44,7 @@ STATS = ("spatial_support", "channel_support", "peak_spatial", "attention_in_fg"
 def level_stats(t: torch.Tensor, fg: torch.Tensor, temp: float) -> dict[str, torch.Tensor]:
     """Per-image statistics (N,) of the teacher map t (N, C, H, W) with FGD's foreground mask fg (N, H, W)."""
     spatial, channel = fgd_attention(t.float(), temp)
-    s_support, c_support = attention_support(spatial, channel)
+    s_support, c_support = attention_support(spatial), attention_support(channel)
     cells = spatial[0].numel()
     inside = (fg > 0).float()
     return {"spatial_support": s_support, "channel_support": c_support,

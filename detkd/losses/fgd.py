@@ -54,18 +54,15 @@ def fgd_attention(f: Tensor, temp: float) -> tuple[Tensor, Tensor]:
     return spatial.reshape(n, h, w), channel
 
 
-def attention_support(spatial: Tensor, channel: Tensor) -> tuple[Tensor, Tensor]:
-    """Effective support of FGD attention maps, as a fraction of the cells and of the channels, per image:
-    (sum a)^2 / (K sum a^2) for a map a over K entries — 1 for uniform attention, 1/K for one-hot.
+def attention_support(a: Tensor) -> Tensor:
+    """Effective support of attention maps a (N, ...), per image (N,), as a fraction of the entries:
+    (sum a)^2 / (K sum a^2) over the K entries of each map — 1 for uniform attention, 1/K for one-hot.
 
-    spatial (N, H, W) and channel (N, C) from :func:`fgd_attention`. The focal loss weights each (cell, channel) by
-    A_S A_C: when both supports are a few percent, it imitates a handful of teacher activations with weights in the
-    hundreds (a teacher whose ``mean_c |T|`` varies by many ``temp`` across the map, e.g. one trained from scratch)."""
-    def support(a: Tensor) -> Tensor:
-        a = a.flatten(1).float()
-        return a.sum(1).square() / (a.shape[1] * a.square().sum(1))
-
-    return support(spatial), support(channel)
+    For FGD's spatial (N, H, W) and channel (N, C) maps of :func:`fgd_attention`. The focal loss weights each
+    (cell, channel) by A_S A_C: when both supports are a few percent, it imitates a handful of teacher activations
+    with weights in the hundreds or more (a teacher whose ``mean_c |T|`` varies by many ``temp`` across the map)."""
+    a = a.flatten(1).float()
+    return a.sum(1).square() / (a.shape[1] * a.square().sum(1))
 
 
 def fgd_focal_loss(
@@ -215,7 +212,7 @@ class FGDLoss(DistillLoss):
     @property
     def teacher_support(self) -> dict[str, Tensor]:
         """Per level, the effective support (``attention_support``) of the last batch's A_S, per image (N,)."""
-        return {lv: attention_support(a, a.new_ones(a.shape[0], 1))[0] for lv, a in self.teacher_attention.items()}
+        return {lv: attention_support(a) for lv, a in self.teacher_attention.items()}
 
     def first_step_notes(self) -> list[str]:
         support = {lv: float(v.mean()) for lv, v in self.teacher_support.items()}

@@ -99,19 +99,19 @@ def test_attention_shapes_and_sums():
 
 def test_attention_support_is_one_for_uniform_maps_and_one_over_k_for_one_hot():
     flat = torch.ones(1, 4, 3, 5)  # every cell and channel alike: attention 1 everywhere
-    spatial, channel = attention_support(*fgd_attention(flat, 0.8))
+    spatial, channel = map(attention_support, fgd_attention(flat, 0.8))
     torch.testing.assert_close(spatial, torch.ones(1))
     torch.testing.assert_close(channel, torch.ones(1))
     peaked = torch.zeros(2, 4, 3, 5)
     peaked[:, 2, 1, 3] = 1000.0  # one activation far above temp: one-hot in space and in channels
-    spatial, channel = attention_support(*fgd_attention(peaked, 0.8))
+    spatial, channel = map(attention_support, fgd_attention(peaked, 0.8))
     torch.testing.assert_close(spatial, torch.full((2,), 1 / 15), atol=1e-4, rtol=0)
     torch.testing.assert_close(channel, torch.full((2,), 1 / 4), atol=1e-4, rtol=0)
     half = torch.tensor([[[2.0, 2.0, 0.0, 0.0]]])  # (1, 1, 4): two cells of equal weight of four -> 1/2
-    torch.testing.assert_close(attention_support(half, torch.ones(1, 3))[0], torch.full((1,), 0.5))
+    torch.testing.assert_close(attention_support(half), torch.full((1,), 0.5))
     # a larger temp spreads the same map: support grows monotonically with temp
     f = torch.randn(1, 8, 6, 6).mul(5)
-    supports = [attention_support(*fgd_attention(f, t))[0].item() for t in (0.5, 2.0, 8.0)]
+    supports = [attention_support(fgd_attention(f, t)[0]).item() for t in (0.5, 2.0, 8.0)]
     assert supports[0] < supports[1] < supports[2] <= 1.0
 
 
