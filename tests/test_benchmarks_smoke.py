@@ -208,7 +208,7 @@ def test_method_variants_carry_their_own_term_scales():
         acc.student_config("ld", "gfl", args, teacher, 0, acc.parse_variant("ld@vlr=0"))
 
 
-def test_a_variant_sets_a_loss_parameter_for_an_ablation():
+def test_a_variant_sets_a_loss_parameter_for_an_ablation(tmp_path):
     acc = _load("accuracy")
     args = acc.parse_args(["--dataset", "thermal", "--family", "fcos", "--scale", "fgd=0.01"])
     teacher = {"run_dir": "/nowhere"}
@@ -222,9 +222,11 @@ def test_a_variant_sets_a_loss_parameter_for_an_ablation():
     for bad, match in (("fgd@fgd.alpha=0", "no parameter 'alpha'"), ("fgd@cwd.tau=1", "no 'cwd' loss")):
         with pytest.raises(ValueError, match=match):
             acc.student_config("fgd", "fcos", args, teacher, 0, acc.parse_variant(bad))
-    bad_args = acc.parse_args(["--dataset", "thermal", "--family", "fcos", "--methods", "fgd@fgd.alpha=0"])
+    bad_args = acc.parse_args(["--dataset", "thermal", "--family", "fcos", "--methods", "fgd@fgd.alpha=0",
+                               "--runs-dir", str(tmp_path / "runs")])
     with pytest.raises(ValueError, match="no parameter 'alpha'"):  # before any teacher is trained
         acc.study(bad_args)
+    assert not (tmp_path / "runs").exists()
 
 
 def _record(label: str, seed: int, ap: float) -> dict:
