@@ -227,22 +227,30 @@ def parse_variant(entry: str) -> Variant:
     return Variant(entry, method, scales, params)
 
 
-def set_loss_params(cfg: Config, params: dict[str, dict[str, float]], entry: str) -> Config:
-    """Set ``params[loss][name]`` in the recipe's ``loss`` terms; a loss or parameter the recipe lacks is an error
-    (a typo would otherwise leave the recipe as it is, and the report would call it an ablation)."""
-    if not params:
-        return cfg
+def apply_variant(cfg: Config, variant: Variant) -> Config:
+    """Set the variant's loss parameters in ``cfg`` (its scales are applied with ``--scale``'s by
+    :func:`scale_losses`). A loss or parameter the recipe lacks is an error: a typo would otherwise leave the recipe
+    as it is, and the report would call it a sweep or an ablation."""
     losses = {lc.method: lc for lc in cfg.distill.losses} if cfg.distill else {}
-    for loss, values in params.items():
-        if loss not in losses:
-            raise ValueError(f"--methods {entry!r}: the recipe has no {loss!r} loss (it has {sorted(losses)})")
+    missing = sorted({*variant.scales, *variant.params} - set(losses))
+    if missing:
+        raise ValueError(f"--methods {variant.entry!r}: the recipe has no {missing[0]!r} loss "
+                         f"(it has {sorted(losses)})")
+    for loss, values in variant.params.items():
         unknown = sorted(set(values) - set(losses[loss].params))
         if unknown:
-            raise ValueError(f"--methods {entry!r}: the {loss!r} loss has no parameter {unknown[0]!r} "
+            raise ValueError(f"--methods {variant.entry!r}: the {loss!r} loss has no parameter {unknown[0]!r} "
                              f"(it has {sorted(losses[loss].params)})")
-    new = [dataclasses.replace(lc, params={**lc.params, **params[lc.method]}) if lc.method in params else lc
-           for lc in cfg.distill.losses]
+    if not variant.params:
+        return cfg
+    new = [dataclasses.replace(lc, params={**lc.params, **variant.params[lc.method]}) if lc.method in variant.params
+           else lc for lc in cfg.distill.losses]
     return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, losses=new))
+
+
+def variant_family(variant: Variant, args: argparse.Namespace) -> str:
+    """The detector family a ``--methods`` entry runs on (a combination: its first method's)."""
+    return method_family(variant.method.split("+")[0], args.family)
 
 
 def student_config(method: str | None, family: str, args: argparse.Namespace, teacher_run: dict | None,
@@ -255,12 +263,7 @@ def student_config(method: str | None, family: str, args: argparse.Namespace, te
             cfg.teacher, weights=str(Path(teacher_run["run_dir"]) / "last.pt")))
     cfg = dataclasses.replace(cfg, seed=seed)
     if variant is not None:
-        terms = {lc.method for lc in cfg.distill.losses} if cfg.distill else set()
-        missing = sorted(set(variant.scales) - terms)
-        if missing:
-            raise ValueError(f"--methods {variant.entry!r}: the recipe has no {missing[0]!r} loss "
-                             f"(it has {sorted(terms)})")
-        cfg = set_loss_params(cfg, variant.params, variant.entry)
+        cfg = apply_variant(cfg, variant)
     scales = {**args.scales, **(variant.scales if variant else {})}
     return scale_lgd_schedule(scale_losses(cfg, scales))
 
@@ -280,9 +283,9 @@ def cached_run_dir(cfg: Config, label: str, args: argparse.Namespace) -> Path:
 
 def study(args: argparse.Namespace) -> dict[str, Any]:
     """Teachers, baselines and methods for every (family, seed); returns per-family run records."""
-    families = sorted({method_family(v.method.split("+")[0], args.family) for v in args.variants})
+    families = sorted({variant_family(v, args) for v in args.variants})
     for v in args.variants:  # a variant naming a loss or parameter its recipe lacks fails now, not after the teachers
-        student_config(v.method, method_family(v.method.split("+")[0], args.family), args, {"run_dir": "."}, 0, v)
+        student_config(v.method, variant_family(v, args), args, {"run_dir": "."}, 0, v)
     records: dict[str, Any] = {}
     for family in families:
         teacher_cfg = teacher_config(family, args)
@@ -301,7 +304,7 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
                                                            args.dataset, args.keep_weights)
         for variant in args.variants:
             entry, method = variant.entry, variant.method
-            family = method_family(method.split("+")[0], args.family)
+            family = variant_family(variant, args)
             cfg = student_config(method, family, args, records[family]["teacher"], seed, variant)
             base_cfg = base_cfgs[family]
             if cfg.model != base_cfg.model:  # e.g. fgd_inherit's student has the teacher's neck and head widths

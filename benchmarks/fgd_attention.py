@@ -60,7 +60,7 @@ def teacher_stats(cfg: Any, weights: Path, temps: list[float], images: int, batc
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
     model = build_model(dataclasses.replace(cfg.model, weights=str(weights)), dataset.num_classes).eval()
     adapter = build_adapter(model)
-    sums: dict[tuple[str, float], dict[str, float]] = {}
+    sums: dict[str, dict[str, dict[str, float]]] = {}  # level -> temp -> stat -> sum over images
     count = min(images, len(dataset))
     for start in range(0, count, batch_size):
         batch_images, targets = collate([dataset[i] for i in range(start, min(start + batch_size, count))])
@@ -70,11 +70,11 @@ def teacher_stats(cfg: Any, weights: Path, temps: list[float], images: int, batc
                                  [tuple(out.features[lv].shape[-2:]) for lv in levels], batch_shape=out.batch_shape)
         for level, (fg, _) in zip(levels, masks):
             for temp in temps:
-                acc_ = sums.setdefault((level, temp), dict.fromkeys(STATS, 0.0))
+                total = sums.setdefault(level, {}).setdefault(str(temp), dict.fromkeys(STATS, 0.0))
                 for name, values in level_stats(out.features[level], fg, temp).items():
-                    acc_[name] += float(values.sum())
-    return {level: {str(temp): {k: v / count for k, v in s.items()} for (lv, temp), s in sums.items() if lv == level}
-            for level in dict.fromkeys(lv for lv, _ in sums)}
+                    total[name] += float(values.sum())
+    return {level: {temp: {k: v / count for k, v in stats.items()} for temp, stats in per_temp.items()}
+            for level, per_temp in sums.items()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
