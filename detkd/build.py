@@ -97,7 +97,8 @@ def build_distiller(
         report = inherit_from_teacher(student, teacher.model)
         state = student.state_dict()
         if not any(state[k].dim() > 1 for k in report.copied):  # biases alone: a narrower student inherits nothing
-            key, why = next((s for s in report.skipped if s[1].startswith("shape")), ("(none)", "no neck/head keys"))
+            key = report.mismatched[0] if report.mismatched else "(none)"
+            why = dict(report.skipped)[key] if report.mismatched else "no neck/head keys"
             raise ConfigError(f"distill.inherit: no weight of the teacher's neck or head fits the student (e.g. {key}: "
                               f"{why}); give the student the teacher's model.fpn_channels and model.head_convs")
     keys: dict[str, int] = {}

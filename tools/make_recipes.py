@@ -62,8 +62,9 @@ def method_losses(method: str, family: str, dataset: str = "synth") -> tuple[lis
     """Loss list and extra distill-section keys for one method on one family."""
     if method == "cwd":
         return [{"method": "cwd", "weight": 10.0, "levels": levels(family), "params": {"tau": 1.0}}], {}
-    if method == "fgd":
-        return [{"method": "fgd", "weight": 1.0, "levels": levels(family), "params": dict(FGD_DEFAULTS[family])}], {}
+    if method == "fgd":  # on COCO the student has the teacher's widths, so FGD inherits as its authors run it
+        extra = {"inherit": True} if dataset == "coco" else {}
+        return [{"method": "fgd", "weight": 1.0, "levels": levels(family), "params": dict(FGD_DEFAULTS[family])}], extra
     if method == "fgd_inherit":  # FGD as its authors run it: the student starts from the teacher's neck and head
         return method_losses("fgd", family, dataset)[0], {"inherit": True}
     if method == "hint":
@@ -169,8 +170,6 @@ def recipe(method: str | None, family: str, dataset: str, role: str = "student")
             cfg["teacher"]["weights"] = f"runs/teacher_{family}_{tname}_{dataset}/last.pt"
             cfg["teacher"].pop("backbone_weights", None)
         cfg["distill"] = {"losses": losses, **extra}
-        if method == "fgd" and coco:
-            cfg["distill"]["inherit"] = True
         cfg["train"] = train(dataset, family, method)
     cfg = {"name": name, **cfg}
     return name, cfg

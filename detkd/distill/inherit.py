@@ -17,10 +17,12 @@ DEFAULT_PREFIXES = ("backbone.fpn.", "head.", "rpn.", "roi_heads.")
 @dataclass
 class InheritReport:
     """What :func:`inherit_from_teacher` did: the copied state-dict keys, and ``(key, reason)`` for every key under
-    the prefixes that was not copied (missing on one side, or a shape mismatch)."""
+    the prefixes that was not copied (missing on one side, or a shape mismatch); ``mismatched`` names the skipped
+    keys that exist on both sides with different shapes."""
 
     copied: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return f"inherited {len(self.copied)} tensors from the teacher, skipped {len(self.skipped)}"
@@ -48,6 +50,7 @@ def inherit_from_teacher(
         elif student_state[key].shape != value.shape:
             shapes = f"teacher {tuple(value.shape)} vs student {tuple(student_state[key].shape)}"
             report.skipped.append((key, f"shape: {shapes}"))
+            report.mismatched.append(key)
         else:
             to_load[key] = value
             report.copied.append(key)

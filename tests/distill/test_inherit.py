@@ -59,6 +59,8 @@ def test_different_fpn_width_skips_with_shape_reasons():
     fitting = [k for k in t_state if k.startswith(HEAD_PREFIXES) and t_state[k].shape == s_state[k].shape]
     assert sorted(report.copied) == sorted(fitting)
     assert len(report.copied) + len(report.skipped) == len([k for k in t_state if k.startswith(HEAD_PREFIXES)])
+    assert sorted(report.mismatched) == sorted(k for k, why in report.skipped if why.startswith("shape"))
+    assert key in report.mismatched and "head.classification_head.cls_logits.bias" not in report.mismatched
 
 
 class _Toy(nn.Module):
@@ -78,6 +80,7 @@ def test_missing_keys_buffers_and_custom_prefixes():
         teacher.head[1].running_mean.fill_(3.0)
     report = inherit_from_teacher(student, teacher)
     assert ("head.extra.weight", "not in student") in report.skipped
+    assert report.mismatched == []  # missing keys are skipped, not mismatched
     assert torch.all(student.head[1].running_mean == 3.0)  # buffers travel too
     assert "backbone.body.weight" not in report.copied  # outside the prefixes: neither copied nor reported
     assert all(not k.startswith("backbone.body") for k, _ in report.skipped)
