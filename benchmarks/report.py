@@ -64,21 +64,25 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
     ])
 
 
-def _all_runs(records: dict[str, Any]) -> list[dict]:
+def _all_runs(records: dict[str, Any]) -> list[tuple[str, dict]]:
+    """``(name, run)`` for every run. A method's runs are named by its report entry: variants of one method
+    (``ld``, ``ld@kd=0.025``) share a run label (their run folders differ by the config hash only)."""
     runs = []
-    for rec in records.values():
-        groups = [rec["baseline"], *rec.get("baselines", {}).values(), *rec["methods"].values()]
-        runs += [rec["teacher"], *(run for group in groups for run in group.values())]
+    for family, rec in records.items():
+        groups = [rec["baseline"], *rec.get("baselines", {}).values()]
+        runs += [(run["label"], run) for run in (rec["teacher"], *(r for group in groups for r in group.values()))]
+        for method, group in rec["methods"].items():
+            runs += [(f"{method.replace('+', '_')}_{family}_s{seed}", run) for seed, run in group.items()]
     return runs
 
 
 def _total_wall(records: dict[str, Any]) -> float:
-    return sum(r["wall_time_s"] for r in _all_runs(records))
+    return sum(r["wall_time_s"] for _, r in _all_runs(records))
 
 
 def _run_rows(records: dict[str, Any]) -> list[list]:
-    return [[r["label"], r["seed"], f"{pct100(r, 'AP'):.1f}", r["steps"], r["wall_time_s"], r["date"],
-             r.get("commit", "?"), r.get("machine", "?")] for r in _all_runs(records)]
+    return [[name, r["seed"], f"{pct100(r, 'AP'):.1f}", r["steps"], r["wall_time_s"], r["date"],
+             r.get("commit", "?"), r.get("machine", "?")] for name, r in _all_runs(records)]
 
 
 def accuracy_plot(summary: dict[str, Any], path: Path, title: str) -> Path:

@@ -239,7 +239,8 @@ def test_summary_markdown_and_plot(tmp_path):
     records = {"retinanet": {
         "teacher": _record("teacher", 0, 0.40),
         "baseline": {0: _record("b", 0, 0.30), 1: _record("b", 1, 0.32)},
-        "methods": {"fgd": {0: _record("f", 0, 0.34), 1: _record("f", 1, 0.34)}},
+        "methods": {"fgd": {0: _record("f", 0, 0.34), 1: _record("f", 1, 0.34)},
+                    "fgd@fgd=0.1": {0: _record("f", 0, 0.31), 1: _record("f", 1, 0.33)}},  # same run label
     }}
     summary = _load("stats").summarize(records, [0, 1])
     fgd = summary["retinanet"]["methods"]["fgd"]
@@ -254,6 +255,8 @@ def test_summary_markdown_and_plot(tmp_path):
     md = acc.accuracy_markdown({"meta": meta, "settings": {"dataset": "synth", "seeds": [0, 1], "overrides": []},
                           "summary": summary, "runs": records, "plot": "a.png"})
     assert "| fgd (retinanet) | 34.0 ± 0.0 |" in md and "33%" in md and "![AP per method](a.png)" in md
+    # the runs table names each run by its report entry, so that two variants of one method stay apart
+    assert "| fgd_retinanet_s1 | 1 | 34.0 |" in md and "| fgd@fgd=0.1_retinanet_s1 | 1 | 33.0 |" in md
 
 
 def test_recipes_combination_thermal_hash_and_lgd_schedule():
