@@ -100,8 +100,8 @@ def _row_stats(cfg: Config, num_classes: int) -> tuple[float, float]:
     return count_parameters(model) / 1e6, measure_latency(model, (size, size), device="cpu", iters=5)
 
 
-#: the distilled row's method: CWD, the method that gains most at this setting over 3 seeds (README: +3.2 AP on the
-#: synthetic accuracy study, the demo's own data and schedule; FGD from scratch without inheritance is at -0.6)
+#: the distilled row's method: CWD, the method that gains most at this setting over 3 seeds (README: +4.0 AP on the
+#: synthetic accuracy study, the demo's own data and schedule; FGD from scratch without inheritance is at -1.1)
 DEFAULT_METHOD = "cwd"
 
 
