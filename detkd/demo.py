@@ -55,6 +55,11 @@ class DemoPlan:
 FULL = DemoPlan(SynthConfig(num_train=200, num_val=150, image_size=96, max_objects=6, seed=0), 96, 20, 20, 8)
 QUICK = DemoPlan(SynthConfig(num_train=32, num_val=12, image_size=96, max_objects=4, seed=0), 96, 1, 1, 8)
 
+#: part of the cached teacher's name: bump it when a change makes a teacher trained before it differ from one trained
+#: now with the same config (2: a run's initial weights come from its seed, commit 657dd1b), so that an old cache is
+#: trained again instead of being reused silently
+TEACHER_CACHE_VERSION = 2
+
 
 def _configs(plan: DemoPlan, method: str, out_dir: Path) -> tuple[Config, Config, Config]:
     family, losses = METHODS[method]
@@ -68,7 +73,8 @@ def _configs(plan: DemoPlan, method: str, out_dir: Path) -> tuple[Config, Config
                            schedule="cosine", grad_clip=10.0, log_every=20, eval_every=0)
 
     teacher = Config(name="teacher", data=data, model=teacher_model, train=train_cfg(plan.teacher_epochs))
-    digest = hashlib.sha1(json.dumps(to_dict(teacher), sort_keys=True).encode()).hexdigest()[:10]
+    key = {"cache_version": TEACHER_CACHE_VERSION, "config": to_dict(teacher)}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     teacher.name = f"teacher_{family}_{digest}"
     teacher.output_dir = str(out_dir)
     baseline = Config(name=f"student_{family}", output_dir=str(out_dir), data=data, model=student_model,

@@ -141,3 +141,14 @@ def test_the_demo_parser_offers_the_demos_methods_with_its_default_first():
     assert build_parser().parse_args(["demo"]).method == "cwd"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--method", "kd"])
+
+
+def test_demo_teacher_cache_is_keyed_by_config_and_cache_version(tmp_path, monkeypatch):
+    """A teacher cached before a change that alters training (the version) or under another config is not reused."""
+    import detkd.demo as demo
+
+    name = demo._configs(demo.QUICK, "cwd", tmp_path)[0].name
+    assert name == demo._configs(demo.QUICK, "cwd", tmp_path)[0].name  # stable: the same config finds its cache
+    assert name != demo._configs(demo.FULL, "cwd", tmp_path)[0].name
+    monkeypatch.setattr(demo, "TEACHER_CACHE_VERSION", demo.TEACHER_CACHE_VERSION + 1)
+    assert name != demo._configs(demo.QUICK, "cwd", tmp_path)[0].name
