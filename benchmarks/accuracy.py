@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import fcntl
 import hashlib
+import inspect
 import json
 import sys
 import time
@@ -47,6 +48,7 @@ from report import accuracy_markdown, accuracy_plot  # noqa: E402
 from stats import summarize  # noqa: E402
 
 from detkd.config import Config, DataConfig, ModelConfig, apply_override, load_config, to_dict  # noqa: E402
+from detkd.losses import LOSSES  # noqa: E402
 from detkd.losses.lgd import scaled_warmup  # noqa: E402
 from detkd.runner import planned_steps  # noqa: E402
 
@@ -200,26 +202,28 @@ class Variant(NamedTuple):
     entry: str
     method: str
     scales: dict[str, float]
-    params: dict[str, dict[str, float]]
+    params: dict[str, dict[str, float | str]]
 
 
 def parse_variant(entry: str) -> Variant:
     """``"ld@kd=0.1:vlr_ld=0"``: LD with its own loss-term scales, which replace ``--scale``'s for those terms;
     ``"fgd@fgd.alpha_fgd=0"``: FGD with a parameter of its ``fgd`` loss set (not scaled) — a sweep or an ablation in
-    one report."""
+    one report. A parameter's value is a number or a word (``"ld@ld.normalize=positives"``); a scale is a number."""
     method, _, spec = entry.partition("@")
     scales: dict[str, float] = {}
-    params: dict[str, dict[str, float]] = {}
+    params: dict[str, dict[str, float | str]] = {}
     for item in filter(None, spec.split(":")):
         term, _, factor = item.partition("=")
         loss, dot, param = term.partition(".")
+        value: float | str | None
         try:
             value = float(factor)  # also fails when "=" is missing (factor "")
         except ValueError:
-            value = None
+            value = factor if dot and factor.isidentifier() else None  # a word only for a parameter
         if not loss or (dot and not param) or value is None:
             raise ValueError(f"--methods {entry!r}: a variant is METHOD@TERM=FACTOR[:TERM=FACTOR...], "
-                             "where TERM is a loss (its weight is scaled) or LOSS.PARAM (the parameter is set)")
+                             "where TERM is a loss (its weight is scaled by the number FACTOR) or LOSS.PARAM "
+                             "(the parameter is set to FACTOR, a number or a word)")
         if dot:
             params.setdefault(loss, {})[param] = value
         else:
@@ -227,20 +231,32 @@ def parse_variant(entry: str) -> Variant:
     return Variant(entry, method, scales, params)
 
 
+def loss_parameters(method: str, recipe_params: dict[str, Any]) -> set[str]:
+    """The parameters a variant may set for a loss: the recipe's and those its constructor takes by name (beyond the
+    levels and feature specs every loss gets)."""
+    named = set()
+    if method in LOSSES:
+        sig = inspect.signature(LOSSES[method].__init__)
+        named = {n for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        named -= {"self", "levels", "student_specs", "teacher_specs"}
+    return set(recipe_params) | named
+
+
 def apply_variant(cfg: Config, variant: Variant) -> Config:
     """Set the variant's loss parameters in ``cfg`` (its scales are applied with ``--scale``'s by
-    :func:`scale_losses`). A loss or parameter the recipe lacks is an error: a typo would otherwise leave the recipe
-    as it is, and the report would call it a sweep or an ablation."""
+    :func:`scale_losses`). A loss or parameter the recipe's loss lacks is an error: a typo would otherwise leave the
+    recipe as it is, and the report would call it a sweep or an ablation."""
     losses = {lc.method: lc for lc in cfg.distill.losses} if cfg.distill else {}
     missing = sorted({*variant.scales, *variant.params} - set(losses))
     if missing:
         raise ValueError(f"--methods {variant.entry!r}: the recipe has no {missing[0]!r} loss "
                          f"(it has {sorted(losses)})")
     for loss, values in variant.params.items():
-        unknown = sorted(set(values) - set(losses[loss].params))
+        known = loss_parameters(loss, losses[loss].params)
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"--methods {variant.entry!r}: the {loss!r} loss has no parameter {unknown[0]!r} "
-                             f"(it has {sorted(losses[loss].params)})")
+                             f"(it has {sorted(known)})")
     if not variant.params:
         return cfg
     new = [dataclasses.replace(lc, params={**lc.params, **variant.params[lc.method]}) if lc.method in variant.params
@@ -331,8 +347,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--family", default="retinanet", help="family of the feature methods and LGD")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated; 'a+b' for a combination; 'ld@kd=0.1:vlr_ld=0' for a method with its own "
-                        "loss-term scales (they replace --scale's for those terms); 'fgd@fgd.alpha_fgd=0' for one "
-                        "with a loss parameter set")
+                        "loss-term scales (they replace --scale's for those terms); 'fgd@fgd.alpha_fgd=0' or "
+                        "'ld@ld.normalize=positives' for one with a loss parameter set (a number or a word)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--only-seeds", default=None, help="train only these seeds (e.g. '1' or '0,2'); report skipped")
     p.add_argument("--teacher-only", action="store_true", help="train (or find) the teachers and stop")

@@ -190,7 +190,8 @@ def test_method_variants_carry_their_own_term_scales():
     acc = _load("accuracy")
     assert acc.parse_variant("ld@kd=0.1:vlr_ld=0") == ("ld@kd=0.1:vlr_ld=0", "ld", {"kd": 0.1, "vlr_ld": 0.0}, {})
     assert acc.parse_variant("cwd+lgd") == ("cwd+lgd", "cwd+lgd", {}, {})
-    for bad in ("ld@kd", "ld@kd=x", "ld@=1", "fgd@fgd.=0", "fgd@.alpha_fgd=0"):
+    assert acc.parse_variant("ld@ld.normalize=positives").params == {"ld": {"normalize": "positives"}}
+    for bad in ("ld@kd", "ld@kd=x", "ld@=1", "fgd@fgd.=0", "fgd@.alpha_fgd=0", "ld@ld.normalize=a b"):
         with pytest.raises(ValueError, match="METHOD@TERM=FACTOR"):
             acc.parse_variant(bad)
     with pytest.raises(SystemExit):
@@ -206,6 +207,15 @@ def test_method_variants_carry_their_own_term_scales():
     assert acc.config_hash(plain) != acc.config_hash(variant)
     with pytest.raises(ValueError, match="no 'vlr' loss"):  # a typo is not silently a copy of the recipe
         acc.student_config("ld", "gfl", args, teacher, 0, acc.parse_variant("ld@vlr=0"))
+    # a parameter the recipe leaves at its default but the loss takes by name (a word here) can be set, and builds
+    positives = acc.student_config("ld", "gfl", args, teacher, 0, acc.parse_variant("ld@ld.normalize=positives"))
+    (ld,) = [lc for lc in positives.distill.losses if lc.method == "ld"]
+    assert "normalize" not in [lc for lc in plain.distill.losses if lc.method == "ld"][0].params
+    assert ld.params["normalize"] == "positives" and acc.config_hash(positives) != acc.config_hash(plain)
+    from detkd.losses import LOSSES
+    assert LOSSES["ld"](["p3"], {}, {}, **ld.params).normalize == "positives"
+    with pytest.raises(ValueError, match="no parameter 'normalise'"):
+        acc.student_config("ld", "gfl", args, teacher, 0, acc.parse_variant("ld@ld.normalise=positives"))
 
 
 def test_a_variant_sets_a_loss_parameter_for_an_ablation(tmp_path):
