@@ -2,7 +2,8 @@
 
 For a dataset and a detector family: train the teacher once per family (cached by config hash under
 ``runs/bench/``), then the baseline student and the student with each method on the same schedule and seeds, from
-the ``configs/`` recipes (overrides applied to every run alike). A method whose recipe changes the student
+the ``configs/`` recipes (``--set`` overrides applied to every run alike, the teacher's included; ``--student-set``
+ones to the students only). A method whose recipe changes the student
 (``fgd_inherit``: the teacher's neck and head widths) is compared with that student trained alone, on the same seeds.
 LD runs on GFL, Chen on Faster R-CNN, LGD needs no teacher; a combination is named ``a+b`` (the losses of both
 recipes on the first one's family) or by its recipe (``ld_fgd``). Every run is cached under its config hash:
@@ -15,7 +16,7 @@ gap closed, (AP_distilled − AP_student) / (AP_teacher − AP_student) with see
 time of the study and of every run.
 
 Usage: ``python benchmarks/accuracy.py --dataset synth|bccd|thermal --family retinanet --methods cwd,fgd,... --seeds 3
-[--epochs N] [--cpu-reduced] [--device auto|cpu|cuda] [--set key=value ...]``.
+[--epochs N] [--cpu-reduced] [--device auto|cpu|cuda] [--set key=value ...] [--student-set key=value ...]``.
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ def variant_family(variant: Variant, args: argparse.Namespace) -> str:
 
 def student_config(method: str | None, family: str, args: argparse.Namespace, teacher_run: dict | None,
                    seed: int, variant: Variant | None = None) -> Config:
-    cfg = absolute_paths(with_overrides(load_recipe(method, family, args.dataset), args.overrides))
+    overrides = [*args.overrides, *args.student_overrides]
+    cfg = absolute_paths(with_overrides(load_recipe(method, family, args.dataset), overrides))
     if cfg.teacher is not None:
         if teacher_run is None:
             raise RuntimeError(f"{method}: needs the {family} teacher, which was not trained")
@@ -358,7 +360,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-reduced", action="store_true", help="small CPU schedule (see REDUCED); not converged")
     p.add_argument("--device", default="auto", help="train.device of every run: auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--set", dest="extra", action="append", default=[], help="override for every run, key=value")
+    p.add_argument("--set", dest="extra", action="append", default=[],
+                   help="override for every run, key=value; the teacher's run too, whose model is `model`")
+    p.add_argument("--student-set", dest="student_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the baseline and distilled students only (e.g. model.backbone=resnet34); "
+                        "the teacher's run is left as it is")
     p.add_argument("--scale", dest="scale", action="append", default=[], metavar="METHOD=FACTOR",
                    help="multiply the weights of METHOD's loss terms by FACTOR (e.g. fgd=0.01)")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
@@ -397,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     payload: dict[str, Any] = {
         "settings": {"dataset": args.dataset, "family": args.family, "methods": args.methods,
-                     "seeds": args.seed_list, "overrides": args.overrides, "scales": args.scales,
+                     "seeds": args.seed_list, "overrides": args.overrides,
+                     "student_overrides": args.student_overrides, "scales": args.scales,
                      "teacher_epochs": args.teacher_epochs},
         "summary": summarize(records, args.seed_list),
         "runs": records,

@@ -50,7 +50,9 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
     return "\n\n".join([
         f"# Accuracy gain on {s['dataset']}",
         md_meta(payload["meta"]),
-        f"Seeds {s['seeds']}; overrides applied to every run: `{' '.join(s['overrides']) or 'none'}`; loss weights "
+        f"Seeds {s['seeds']}; overrides applied to every run: `{' '.join(s['overrides']) or 'none'}`"
+        + (f"; to the students only: `{' '.join(s['student_overrides'])}`" if s.get("student_overrides") else "")
+        + "; loss weights "
         f"scaled: {', '.join(f'{m} x{f:g}' for m, f in s.get('scales', {}).items()) or 'none'}. COCO AP x100, "
         "mean ± std over seeds; Δ = paired difference to the baseline of the same family, student and seed, mean [95% "
         "t-interval]; gap closed = (AP_distilled − AP_student) / (AP_teacher − AP_student) with seed means "

@@ -475,3 +475,21 @@ def test_git_commit_is_dirty_for_code_changes_but_not_for_the_scripts_own_result
     assert common.git_commit() == clean
     (tmp_path / "code.py").write_text("x = 2\n")  # the measured code changed
     assert common.git_commit() == f"{clean}+dirty"
+
+
+def test_student_set_changes_the_students_and_not_the_teacher_run():
+    """`--set model.X` reaches the teacher's run too (its model is `model`); `--student-set` only the students."""
+    acc = _load("accuracy")
+    teacher = {"run_dir": "/nowhere"}
+    base_args = acc.parse_args(["--dataset", "bccd", "--family", "fcos"])
+    args = acc.parse_args(["--dataset", "bccd", "--family", "fcos",
+                           "--student-set", "model.backbone=mobilenet_v3_large"])
+    assert acc.teacher_config("fcos", args) == acc.teacher_config("fcos", base_args)  # same cached teacher
+    assert acc.teacher_config("fcos", args).model.backbone == "resnet50"
+    for method in (None, "cwd"):
+        student = acc.student_config(method, "fcos", args, teacher, 0)
+        assert student.model.backbone == "mobilenet_v3_large"
+        assert acc.config_hash(student) != acc.config_hash(acc.student_config(method, "fcos", base_args, teacher, 0))
+    assert acc.student_config("cwd", "fcos", args, teacher, 0).teacher.backbone == "resnet50"
+    everywhere = acc.parse_args(["--dataset", "bccd", "--family", "fcos", "--set", "model.backbone=resnet34"])
+    assert acc.teacher_config("fcos", everywhere).model.backbone == "resnet34"  # what --set does, documented
