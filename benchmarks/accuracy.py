@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import fcntl
 import hashlib
-import inspect
 import json
 import sys
 import time
@@ -232,17 +231,6 @@ def parse_variant(entry: str) -> Variant:
     return Variant(entry, method, scales, params)
 
 
-def loss_parameters(method: str, recipe_params: dict[str, Any]) -> set[str]:
-    """The parameters a variant may set for a loss: the recipe's and those its constructor takes by name (beyond the
-    levels and feature specs every loss gets)."""
-    named = set()
-    if method in LOSSES:
-        sig = inspect.signature(LOSSES[method].__init__)
-        named = {n for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-        named -= {"self", "levels", "student_specs", "teacher_specs"}
-    return set(recipe_params) | named
-
-
 def apply_variant(cfg: Config, variant: Variant) -> Config:
     """Set the variant's loss parameters in ``cfg`` (its scales are applied with ``--scale``'s by
     :func:`scale_losses`). A loss or parameter the recipe's loss lacks is an error: a typo would otherwise leave the
@@ -253,7 +241,7 @@ def apply_variant(cfg: Config, variant: Variant) -> Config:
         raise ValueError(f"--methods {variant.entry!r}: the recipe has no {missing[0]!r} loss "
                          f"(it has {sorted(losses)})")
     for loss, values in variant.params.items():
-        known = loss_parameters(loss, losses[loss].params)
+        known = set(losses[loss].params) | (LOSSES[loss].param_names() if loss in LOSSES else set())
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"--methods {variant.entry!r}: the {loss!r} loss has no parameter {unknown[0]!r} "

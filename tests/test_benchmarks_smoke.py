@@ -216,6 +216,12 @@ def test_method_variants_carry_their_own_term_scales():
     assert LOSSES["ld"](["p3"], {}, {}, **ld.params).normalize == "positives"
     with pytest.raises(ValueError, match="no parameter 'normalise'"):
         acc.student_config("ld", "gfl", args, teacher, 0, acc.parse_variant("ld@ld.normalise=positives"))
+    # the same for a loss that takes its parameters through **params (their names are its extra_params)
+    cwd_params = LOSSES["cwd"].param_names()
+    assert {"tau", "form", "source", "align"} <= cwd_params and "levels" not in cwd_params
+    cwd_args = acc.parse_args(["--dataset", "synth", "--family", "fcos"])
+    form = acc.student_config("cwd", "fcos", cwd_args, teacher, 0, acc.parse_variant("cwd@cwd.form=kl"))
+    assert [lc.params["form"] for lc in form.distill.losses] == ["kl"]
 
 
 def test_a_variant_sets_a_loss_parameter_for_an_ablation(tmp_path):

@@ -8,6 +8,7 @@ configured weight and schedule.
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 from torch import Tensor, nn
@@ -33,6 +34,16 @@ class DistillLoss(nn.Module):
     #: terms whose name starts with one of these are added to the total without the configured weight
     #: (LGD's "tea/*" detection losses of the label-guided branch are plain task losses in the reference)
     unweighted_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: hyper-parameters taken through ``**params`` (checked with :func:`check_params`); named ones are read off
+    #: ``__init__`` by :meth:`param_names`
+    extra_params: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def param_names(cls) -> set[str]:
+        """Every hyper-parameter a config may set for this loss (beyond the levels and feature specs)."""
+        sig = inspect.signature(cls.__init__)
+        named = {n for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        return (named - {"self", "levels", "student_specs", "teacher_specs"}) | set(cls.extra_params)
 
     def __init__(
         self,

@@ -68,6 +68,7 @@ class CWDLoss(DistillLoss):
     """
 
     name = "cwd"
+    extra_params = ("tau", "form", "source", "align")
 
     def __init__(
         self,
@@ -77,7 +78,7 @@ class CWDLoss(DistillLoss):
         **params: Any,
     ):
         super().__init__(levels, student_specs, teacher_specs)
-        check_params("CWDLoss", params, ("tau", "form", "source", "align"))
+        check_params("CWDLoss", params, self.extra_params)
         self.tau = float(params.get("tau", 1.0))
         self.form = params.get("form", "kl")
         self.source = params.get("source", "features")

@@ -150,6 +150,7 @@ class FGDLoss(DistillLoss):
     """
 
     name = "fgd"
+    extra_params = tuple(_PARAMS)
 
     def __init__(
         self,
@@ -159,7 +160,7 @@ class FGDLoss(DistillLoss):
         **params: Any,
     ):
         super().__init__(levels, student_specs, teacher_specs)
-        check_params("FGDLoss", params, list(_PARAMS))
+        check_params("FGDLoss", params, self.extra_params)
         cfg = {**_PARAMS, **params}
         self.temp = float(cfg["temp"])
         self.weights = {

@@ -67,6 +67,7 @@ class HintLoss(DistillLoss):
     """
 
     name = "hint"
+    extra_params = ("norm", "reduction")
 
     def __init__(
         self,
@@ -76,7 +77,7 @@ class HintLoss(DistillLoss):
         **params: Any,
     ):
         super().__init__(levels, student_specs, teacher_specs)
-        check_params("HintLoss", params, ("norm", "reduction"))
+        check_params("HintLoss", params, self.extra_params)
         self.norm = params.get("norm", "l2")
         self.reduction = params.get("reduction", "sum_per_image")
         if self.norm not in _NORMS or self.reduction not in _REDUCTIONS:
