@@ -325,10 +325,15 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     return records
 
 
+#: short names of the backbones in the reports (ResNets read "R18", "R50", ...)
+BACKBONE_LABELS = {"mobilenet_v3_large": "MobileNetV3-L"}
+
+
 def model_label(model: ModelConfig) -> str:
     """How the reports name a detector: backbone, FPN width, head convs (teachers, baselines, and a student that a
     method's recipe changes)."""
-    return f"{model.backbone.replace('resnet', 'R')}-FPN{model.fpn_channels}, {model.head_convs} head convs"
+    backbone = BACKBONE_LABELS.get(model.backbone, model.backbone.replace("resnet", "R"))
+    return f"{backbone}-FPN{model.fpn_channels}, {model.head_convs} head convs"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -499,3 +499,6 @@ def test_student_set_changes_the_students_and_not_the_teacher_run():
     assert acc.student_config("cwd", "fcos", args, teacher, 0).teacher.backbone == "resnet50"
     everywhere = acc.parse_args(["--dataset", "bccd", "--family", "fcos", "--set", "model.backbone=resnet34"])
     assert acc.teacher_config("fcos", everywhere).model.backbone == "resnet34"  # what --set does, documented
+    # the reports name the students by backbone, FPN width and head convs
+    assert acc.model_label(acc.student_config(None, "fcos", args, None, 0).model) == "MobileNetV3-L-FPN64, 2 head convs"
+    assert acc.model_label(acc.teacher_config("fcos", args).model) == "R50-FPN128, 4 head convs"
