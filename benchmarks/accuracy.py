@@ -378,8 +378,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seed_list = (list(range(args.seeds)) if args.only_seeds is None
                       else [int(s) for s in args.only_seeds.split(",") if s])
     overrides = list(REDUCED[args.dataset]) if args.cpu_reduced else []
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
+    if args.epochs is not None:  # replaces the reduced schedule's epochs (the report lists each override once)
+        overrides = [o for o in overrides if not o.startswith("train.epochs=")] + [f"train.epochs={args.epochs}"]
     overrides += [f"train.device={args.device}", "train.progress=false", *args.extra]
     args.overrides = overrides
     return args

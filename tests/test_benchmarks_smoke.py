@@ -167,6 +167,15 @@ def test_paired_delta_and_gap_by_hand():
     assert s["mean"] == pytest.approx(3.0) and s["std"] == pytest.approx(math.sqrt(7.0))
 
 
+def test_epochs_replace_the_reduced_schedules_epochs():
+    """--epochs with --cpu-reduced: one train.epochs override (the report lists the overrides as applied)."""
+    acc = _load("accuracy")
+    longer = acc.parse_args(["--dataset", "synth", "--cpu-reduced", "--epochs", "60"]).overrides
+    assert [o for o in longer if o.startswith("train.epochs=")] == ["train.epochs=60"]
+    reduced = acc.parse_args(["--dataset", "synth", "--cpu-reduced"]).overrides
+    assert [o for o in reduced if o.startswith("train.epochs=")] == ["train.epochs=20"]
+
+
 def test_scale_losses_touches_only_the_named_method():
     acc = _load("accuracy")
     from detkd.config import load_config
