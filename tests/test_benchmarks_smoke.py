@@ -511,3 +511,42 @@ def test_student_set_changes_the_students_and_not_the_teacher_run():
     # the reports name the students by backbone, FPN width and head convs
     assert acc.model_label(acc.student_config(None, "fcos", args, None, 0).model) == "MobileNetV3-L-FPN64, 2 head convs"
     assert acc.model_label(acc.teacher_config("fcos", args).model) == "R50-FPN128, 4 head convs"
+
+
+def test_ld_positives_on_tiny_runs(tmp_path):
+    lp = _load("ld_positives")
+    from detkd.build import build_model
+    from detkd.config import apply_override, dump_config, load_config
+    from detkd.data import build_dataset
+
+    cfg = load_config(BENCH.parent / "configs" / "baseline_gfl_r18_synth.yaml")
+    for ov in ("data.synthetic.num_train=4", "data.synthetic.num_val=4", "data.synthetic.image_size=64",
+               f"data.root={tmp_path / 'synth'}", "model.min_size=64", "model.max_size=64"):
+        cfg = apply_override(cfg, ov)
+    classes = build_dataset(cfg.data, cfg.data.val_split, train=False).num_classes
+    torch.manual_seed(0)
+    state = build_model(cfg.model, classes).state_dict()
+    dirs = {}
+    for name in ("teacher", "a", "b"):  # three copies of one model: every statistic must agree, nobody beats "a"
+        dirs[name] = tmp_path / name
+        dirs[name].mkdir()
+        dump_config(cfg, dirs[name] / "config.yaml")
+        torch.save(state, dirs[name] / "last.pt")
+    argv = ["--teacher", str(dirs["teacher"]), "--student", f"a={dirs['a']}", "--student", f"b={dirs['b']}",
+            "--out-dir", str(tmp_path / "res")]
+    payload = lp.main(argv)
+    _check_meta(payload["meta"])
+    assert payload["positives"] > 0 and payload["settings"]["reference"] == "a"
+    models = payload["models"]
+    assert set(models) == {"teacher", "a", "b"}
+    for r in models.values():
+        assert 0.0 <= r["iou_mean"] <= 1.0 and r["beats_reference"] == 0.0  # ties are not wins
+        assert 0.0 < r["entropy_tau1"] <= r["entropy_tau10"] <= math.log(17) + 1e-6
+        for key in lp.STATS:
+            assert r[key] == pytest.approx(models["a"][key])
+    assert (tmp_path / "res" / "ld_positives.md").is_file()
+    (dirs["b"] / "last.pt").unlink()
+    with pytest.raises(SystemExit, match="no last.pt"):
+        lp.main(argv)
+    with pytest.raises(SystemExit):
+        lp.parse_args(["--teacher", "t", "--student", "a=x", "--reference", "c"])
