@@ -39,16 +39,19 @@ from detkd.runner import load_student_weights  # noqa: E402
 STATS = ("iou_mean", "iou_median", "iou_above_075", "beats_reference", "entropy_tau1", "entropy_tau10", "score")
 
 
-def load_run(run_dir: Path) -> tuple[Any, Any]:
-    """(config, adapter of the model in eval mode with the run's last.pt) of a finished run."""
+def run_config(run_dir: Path) -> Any:
+    """The config of a finished run with kept weights."""
     for name in ("config.yaml", "last.pt"):
         if not (run_dir / name).is_file():
             raise SystemExit(f"{run_dir}: no {name} (train the run with accuracy.py --keep-weights)")
-    cfg = load_config(run_dir / "config.yaml")
-    classes = build_dataset(cfg.data, cfg.data.val_split, train=False).num_classes
-    model = build_model(cfg.model, classes)
+    return load_config(run_dir / "config.yaml")
+
+
+def load_model(cfg: Any, run_dir: Path, num_classes: int) -> Any:
+    """Adapter of the run's model, in eval mode, with its last.pt."""
+    model = build_model(cfg.model, num_classes)
     load_student_weights(model, run_dir / "last.pt")
-    return cfg, build_adapter(model.eval())
+    return build_adapter(model.eval())
 
 
 def edge_entropy(dist: torch.Tensor, bins: int, tau: float) -> torch.Tensor:
@@ -138,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_threads(args.threads)
     start = time.perf_counter()
     dirs = {"teacher": args.teacher, **args.students}
-    loaded = {name: load_run(d) for name, d in dirs.items()}
-    models = {name: adapter for name, (_, adapter) in loaded.items()}
-    cfg = loaded[args.reference][0]
-    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    cfgs = {name: run_config(d) for name, d in dirs.items()}
+    ref_cfg = cfgs[args.reference]
+    dataset = build_dataset(ref_cfg.data, ref_cfg.data.val_split, train=False)  # once: every run shares the data
+    models = {name: load_model(cfgs[name], d, dataset.num_classes) for name, d in dirs.items()}
     print(f"[ld_positives] {len(dataset)} val images, positives of {args.reference}", flush=True)
     positives, stats = positive_stats(models, args.reference, dataset)
     for name, d in dirs.items():
