@@ -72,6 +72,20 @@ def test_a_zero_weight_switches_a_term_off_and_a_negative_one_is_refused():
         build_distiller(student, teacher, all_off, num_classes=7, max_steps=480)
 
 
+@pytest.mark.parametrize("dataset", ["synth", "bccd"])
+def test_ld_tau2_recipe_differs_from_the_official_ld_only_in_the_temperatures_and_main_kd(dataset):
+    cfg = load_config(CONFIG_DIR / f"ld_tau2_gfl_r50_r18_{dataset}.yaml")
+    official = load_config(CONFIG_DIR / f"ld_gfl_r50_r18_{dataset}.yaml")
+    ours = {lc.method: (lc.weight, lc.params) for lc in cfg.distill.losses}
+    theirs = {lc.method: (lc.weight, lc.params) for lc in official.distill.losses}
+    assert theirs == {"ld": (0.25, {"tau": 10.0}), "kd": (10.0, {"tau": 2.0}),
+                      "vlr_ld": (0.25, {"tau": 10.0, "alpha": 0.25})}  # methods.md §1.6
+    assert ours == {"ld": (0.25, {"tau": 2.0}), "kd": (0.25, {"tau": 2.0}),
+                    "vlr_ld": (0.25, {"tau": 2.0, "alpha": 0.25})}
+    rest = {"name": None, "distill": None}
+    assert dataclasses.replace(cfg, **rest) == dataclasses.replace(official, **rest)
+    assert not (CONFIG_DIR / "ld_tau2_gfl_r101_r50_coco.yaml").exists()  # COCO keeps the official setting
+
 
 @pytest.mark.parametrize("family", ["fcos", "faster_rcnn"])
 def test_fgd_inherit_recipe_starts_from_the_teachers_neck_and_head(family):
