@@ -40,11 +40,14 @@ STATS = ("iou_mean", "iou_median", "iou_above_075", "beats_reference", "entropy_
 
 
 def run_config(run_dir: Path) -> Any:
-    """The config of a finished run with kept weights."""
+    """The config of a finished GFL run with kept weights."""
     for name in ("config.yaml", "last.pt"):
         if not (run_dir / name).is_file():
             raise SystemExit(f"{run_dir}: no {name} (train the run with accuracy.py --keep-weights)")
-    return load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.model.family != "gfl":
+        raise SystemExit(f"{run_dir}: a {cfg.model.family} run; the statistics read GFL's edge distributions")
+    return cfg
 
 
 def load_model(cfg: Any, run_dir: Path, num_classes: int) -> Any:

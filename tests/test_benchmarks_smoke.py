@@ -545,6 +545,10 @@ def test_ld_positives_on_tiny_runs(tmp_path):
         for key in lp.STATS:
             assert r[key] == pytest.approx(models["a"][key])
     assert (tmp_path / "res" / "ld_positives.md").is_file()
+    dump_config(apply_override(cfg, "model.family=fcos"), dirs["teacher"] / "config.yaml")
+    with pytest.raises(SystemExit, match="a fcos run; the statistics read GFL's edge distributions"):
+        lp.main(argv)
+    dump_config(cfg, dirs["teacher"] / "config.yaml")
     (dirs["b"] / "last.pt").unlink()
     with pytest.raises(SystemExit, match="no last.pt"):
         lp.main(argv)
