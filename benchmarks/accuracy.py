@@ -3,7 +3,7 @@
 For a dataset and a detector family: train the teacher once per family (cached by config hash under
 ``runs/bench/``), then the baseline student and the student with each method on the same schedule and seeds, from
 the ``configs/`` recipes (``--set`` overrides applied to every run alike, the teacher's included; ``--student-set``
-ones to the students only). A method whose recipe changes the student
+ones to the students only, ``--teacher-set`` ones to the teachers only). A method whose recipe changes the student
 (``fgd_inherit``: the teacher's neck and head widths) is compared with that student trained alone, on the same seeds.
 LD runs on GFL, Chen on Faster R-CNN, LGD needs no teacher; a combination is named ``a+b`` (the losses of both
 recipes on the first one's family) or by its recipe (``ld_fgd``). Every run is cached under its config hash:
@@ -16,7 +16,8 @@ gap closed, (AP_distilled − AP_student) / (AP_teacher − AP_student) with see
 time of the study and of every run.
 
 Usage: ``python benchmarks/accuracy.py --dataset synth|bccd|thermal --family retinanet --methods cwd,fgd,... --seeds 3
-[--epochs N] [--cpu-reduced] [--device auto|cpu|cuda] [--set key=value ...] [--student-set key=value ...]``.
+[--epochs N] [--cpu-reduced] [--device auto|cpu|cuda] [--set key=value ...] [--student-set key=value ...]
+[--teacher-set key=value ...]``.
 """
 
 from __future__ import annotations
@@ -268,10 +269,10 @@ def student_config(method: str | None, family: str, args: argparse.Namespace, te
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(
             cfg.teacher, weights=str(Path(teacher_run["run_dir"]) / "last.pt")))
     cfg = dataclasses.replace(cfg, seed=seed)
-    if variant is not None:
-        cfg = apply_variant(cfg, variant)
     scales = {**args.scales, **(variant.scales if variant else {})}
-    return scale_lgd_schedule(scale_losses(cfg, scales))
+    cfg = scale_lgd_schedule(scale_losses(cfg, scales))
+    # a variant's parameters come last: `lgd@lgd.freeze_backbone_steps=0` must not be undone by the scaled warm-up
+    return apply_variant(cfg, variant) if variant is not None else cfg
 
 
 def teacher_config(family: str, args: argparse.Namespace) -> Config:
@@ -279,7 +280,7 @@ def teacher_config(family: str, args: argparse.Namespace) -> Config:
     cfg = absolute_paths(with_overrides(load_recipe("teacher", family, args.dataset), args.overrides))
     if args.teacher_epochs is not None:  # a teacher trained longer than the students (a stronger teacher)
         cfg = apply_override(cfg, f"train.epochs={args.teacher_epochs}")
-    return cfg
+    return with_overrides(cfg, args.teacher_overrides)
 
 
 def cached_run_dir(cfg: Config, label: str, args: argparse.Namespace) -> Path:
@@ -358,6 +359,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--student-set", dest="student_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the baseline and distilled students only (e.g. model.backbone=resnet34); "
                         "the teacher's run is left as it is")
+    p.add_argument("--teacher-set", dest="teacher_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the teacher's run only, after --set and --teacher-epochs (e.g. "
+                        "data.scale_jitter=[0.6,1.4]: a teacher trained with stronger augmentation)")
     p.add_argument("--scale", dest="scale", action="append", default=[], metavar="METHOD=FACTOR",
                    help="multiply the weights of METHOD's loss terms by FACTOR (e.g. fgd=0.01)")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
@@ -397,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     payload: dict[str, Any] = {
         "settings": {"dataset": args.dataset, "family": args.family, "methods": args.methods,
                      "seeds": args.seed_list, "overrides": args.overrides,
-                     "student_overrides": args.student_overrides, "scales": args.scales,
+                     "student_overrides": args.student_overrides,
+                     "teacher_overrides": args.teacher_overrides, "scales": args.scales,
                      "teacher_epochs": args.teacher_epochs},
         "summary": summarize(records, args.seed_list),
         "runs": records,

@@ -52,6 +52,7 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
         md_meta(payload["meta"]),
         f"Seeds {s['seeds']}; overrides applied to every run: `{' '.join(s['overrides']) or 'none'}`"
         + (f"; to the students only: `{' '.join(s['student_overrides'])}`" if s.get("student_overrides") else "")
+        + (f"; to the teachers only: `{' '.join(s['teacher_overrides'])}`" if s.get("teacher_overrides") else "")
         + "; loss weights "
         f"scaled: {', '.join(f'{m} x{f:g}' for m, f in s.get('scales', {}).items()) or 'none'}. COCO AP x100, "
         "mean ± std over seeds; Δ = paired difference to the baseline of the same family, student and seed, mean [95% "

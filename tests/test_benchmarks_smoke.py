@@ -513,6 +513,41 @@ def test_student_set_changes_the_students_and_not_the_teacher_run():
     assert acc.model_label(acc.teacher_config("fcos", args).model) == "R50-FPN128, 4 head convs"
 
 
+def test_teacher_set_changes_the_teacher_run_and_not_the_students():
+    """`--teacher-set` reaches the teacher's run only (after `--set` and `--teacher-epochs`), so the students'
+    cached runs are the ones of the same study without it; the report names it."""
+    acc = _load("accuracy")
+    teacher = {"run_dir": "/nowhere"}
+    plain = ["--dataset", "bccd", "--family", "fcos", "--teacher-epochs", "24"]
+    base_args = acc.parse_args(plain)
+    args = acc.parse_args([*plain, "--teacher-set", "data.scale_jitter=[0.6,1.4]", "--teacher-set", "train.epochs=36"])
+    t = acc.teacher_config("fcos", args)
+    assert t.data.scale_jitter == [0.6, 1.4] and t.train.epochs == 36  # after --teacher-epochs
+    assert acc.teacher_config("fcos", base_args).data.scale_jitter is None
+    assert acc.config_hash(t) != acc.config_hash(acc.teacher_config("fcos", base_args))
+    for method in (None, "cwd"):
+        student, same = (acc.student_config(method, "fcos", a, teacher, 0) for a in (args, base_args))
+        assert student.data.scale_jitter is None and acc.config_hash(student) == acc.config_hash(same)
+    settings = {"dataset": "bccd", "seeds": [0], "overrides": [], "teacher_overrides": args.teacher_overrides}
+    meta = {"machine": {"cpu": "c", "cores": 2, "cores_usable": 2, "torch_threads": 1, "load_avg_1m": 0.0,
+                        "python": "3", "torch": "t", "torchvision": "v", "gpu": None, "device": "cpu"},
+            "commit": "abc", "date": "d", "wall_time_s": 1.0, "command": "python benchmarks/accuracy.py"}
+    md = acc.accuracy_markdown({"meta": meta, "settings": settings, "summary": {}, "runs": {}, "plot": None})
+    assert "to the teachers only: `data.scale_jitter=[0.6,1.4] train.epochs=36`" in md
+
+
+def test_a_variant_parameter_is_not_undone_by_the_scaled_lgd_warm_up():
+    acc = _load("accuracy")
+    args = acc.parse_args(["--dataset", "bccd", "--family", "fcos", "--cpu-reduced"])
+    plain = acc.student_config("lgd", "fcos", args, None, 0)
+    steps = acc.planned_steps(plain.data, plain.train)
+    assert plain.distill.losses[0].params["freeze_backbone_steps"] == round(steps / 9) > 0
+    unfrozen = acc.student_config("lgd", "fcos", args, None, 0, acc.parse_variant("lgd@lgd.freeze_backbone_steps=0"))
+    params = unfrozen.distill.losses[0].params
+    assert params["freeze_backbone_steps"] == 0  # the variant's, not the scaled warm-up's
+    assert params["pre_nondistill_steps"] == plain.distill.losses[0].params["pre_nondistill_steps"] == round(steps / 6)
+
+
 def test_ld_positives_on_tiny_runs(tmp_path):
     lp = _load("ld_positives")
     from detkd.build import build_model
