@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a student (plain or distilled) from a recipe")
     t.add_argument("config")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (a list entry by index: distill.losses.0.weight=2)")
     t.add_argument("--resume", action="store_true", help="resume from the run folder's state.pt")
     t.set_defaults(func=_cmd_train)
 

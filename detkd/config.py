@@ -212,38 +212,60 @@ def apply_override(cfg: Config, assignment: str) -> Config:
 
     An optional section that is unset (``teacher``, ``distill``) is created with its defaults first, so that
     ``--set teacher.backbone=resnet50`` works on a recipe without a teacher. Keys under ``options`` and ``params``
-    are free-form.
+    are free-form. An entry of a list of sections is named by its index: ``distill.losses.0.params.tau=2`` (an
+    existing entry only; ``distill.losses=[...]`` replaces the whole list).
     """
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} is not of the form key=value")
     key, raw = assignment.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else None
     data = to_dict(cfg)
-    node, tp = data, Config
+    node: Any = data
+    tp: Any = Config
     parts = key.split(".")
     for i, part in enumerate(parts):
         path = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
+        if isinstance(tp, _ListOf):  # node is the list; part must index an existing entry
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"unknown key {path}: {'.'.join(parts[:i])} has {len(node)} entries, "
+                                  f"named by their index 0..{len(node) - 1}")
+            if last:
+                node[int(part)] = value
+                break
+            node, tp = node[int(part)], tp.item
+            continue
         free = tp is dict
         if not free and part not in {f.name for f in dataclasses.fields(tp)}:
             raise ConfigError(f"unknown key {path}")
-        if i == len(parts) - 1:
+        if last:
             node[part] = value
             break
         sub_tp = dict if free else _dataclass_of(typing.get_type_hints(tp)[part])
         if sub_tp is None:
             raise ConfigError(f"unknown key {'.'.join(parts[: i + 2])} ({path} is not a section)")
         if node.get(part) is None:
-            node[part] = {} if sub_tp is dict else to_dict(sub_tp())
+            node[part] = {} if sub_tp is dict else ([] if isinstance(sub_tp, _ListOf) else to_dict(sub_tp()))
         node, tp = node[part], sub_tp
     return from_dict(Config, data)
 
 
-def _dataclass_of(tp: Any) -> type | None:
-    """The dataclass (or dict) inside an annotation such as ``ModelConfig | None``."""
+@dataclass(frozen=True)
+class _ListOf:
+    """A ``list[Section]`` annotation while an override walks the config: its entries are named by index."""
+
+    item: type
+
+
+def _dataclass_of(tp: Any) -> Any:
+    """The dataclass (or dict, or ``_ListOf`` a dataclass) inside an annotation such as ``ModelConfig | None``."""
     candidates = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     for arg in candidates:
         if dataclasses.is_dataclass(arg) or typing.get_origin(arg) is dict:
             return arg if dataclasses.is_dataclass(arg) else dict
+        items = typing.get_args(arg) if typing.get_origin(arg) is list else ()
+        if len(items) == 1 and dataclasses.is_dataclass(items[0]):
+            return _ListOf(items[0])
     return None
 
 

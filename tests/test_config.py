@@ -59,6 +59,32 @@ def test_overrides_are_typed():
         apply_override(cfg, "train.epochs")
 
 
+def test_an_override_names_a_list_entry_by_its_index():
+    """``distill.losses.1.params.tau=2`` sets one loss's parameter (the LD recipes hold three losses)."""
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "ld_gfl_r50_r18_synth.yaml")
+    methods = [lc.method for lc in cfg.distill.losses]
+    assert methods == ["ld", "kd", "vlr_ld"]
+    out = apply_override(cfg, "distill.losses.2.params.tau=2")
+    assert out.distill.losses[2].params["tau"] == 2
+    assert [lc.params for lc in out.distill.losses[:2]] == [lc.params for lc in cfg.distill.losses[:2]]
+    out = apply_override(out, "distill.losses.1.weight=0.25")
+    assert out.distill.losses[1].weight == 0.25 and out.distill.losses[0].weight == cfg.distill.losses[0].weight
+    whole = apply_override(cfg, "distill.losses.0={method: ld, weight: 0.5}")  # an entry, type-checked
+    assert whole.distill.losses[0].method == "ld" and whole.distill.losses[0].params == {}
+    with pytest.raises(ConfigError, match=r"distill\.losses\[0\]\.weight: expected a number"):
+        apply_override(cfg, "distill.losses.0.weight=big")
+    with pytest.raises(ConfigError, match=r"unknown key distill\.losses\.0\.nope"):
+        apply_override(cfg, "distill.losses.0.nope=1")
+    for bad in ("distill.losses.3.weight=1", "distill.losses.kd.weight=1", "distill.losses.-1.weight=1"):
+        with pytest.raises(ConfigError, match=r"distill\.losses has 3 entries, named by their index 0\.\.2"):
+            apply_override(cfg, bad)
+    with pytest.raises(ConfigError, match=r"distill\.losses\.0\.levels is not a section"):  # a list of values
+        apply_override(cfg, "distill.losses.0.levels.0=p3")
+    empty = apply_override(Config(), "distill.inherit=true")  # a recipe without losses: no entry to name
+    with pytest.raises(ConfigError, match="has 0 entries"):
+        apply_override(empty, "distill.losses.0.weight=1")
+
+
 def test_dump_roundtrip(tmp_path):
     cfg = apply_override(Config(), "train.epochs=5")
     dump_config(cfg, tmp_path / "r.yaml")
