@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-reduced", action="store_true", help="the teachers of accuracy.py --cpu-reduced studies")
     p.add_argument("--teacher-epochs", default="", help="per dataset, as the studies ran: 'bccd=24,thermal=24'")
     p.add_argument("--set", dest="extra", action="append", default=[], help="override, as accuracy.py --set")
+    p.add_argument("--teacher-set", dest="teacher_extra", action="append", default=[],
+                   help="teacher-only override, as accuracy.py --teacher-set")
+    p.add_argument("--tag", default="", help="suffix of the result file names (fgd_attention<tag>)")
     p.add_argument("--temps", default="0.5,0.8,2,4,8")
     p.add_argument("--images", type=int, default=32, help="first N val images")
     p.add_argument("--threads", type=int, default=None)
@@ -106,6 +109,8 @@ def study_args(dataset: str, args: argparse.Namespace) -> argparse.Namespace:
     argv += ["--teacher-epochs", str(args.epochs[dataset])] if dataset in args.epochs else []
     for item in args.extra:
         argv += ["--set", item]
+    for item in args.teacher_extra:
+        argv += ["--teacher-set", item]
     return acc.parse_args(argv)
 
 
@@ -140,15 +145,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record = run_dir / "bench.json"
         if not (run_dir / "last.pt").is_file() or not record.is_file():
             raise SystemExit(f"{dataset}: no finished teacher run at {run_dir}; train it with benchmarks/accuracy.py "
-                             f"--teacher-only and the same --dataset/--family/--cpu-reduced/--teacher-epochs/--set")
+                             "--teacher-only and the same --dataset/--family/--cpu-reduced/--teacher-epochs/--set/"
+                             "--teacher-set")
         print(f"[fgd_attention] {dataset}: {run_dir.name}", flush=True)
         levels = teacher_stats(cfg, run_dir / "last.pt", args.temp_list, args.images)
         ap = 100 * float(json.loads(record.read_text())["metrics"]["AP"])
         teachers[dataset] = {"run_dir": str(run_dir), "AP": ap, "levels": levels}
     payload = {"settings": {"family": args.family, "images": args.images, "temps": args.temp_list,
-                            "cpu_reduced": args.cpu_reduced, "teacher_epochs": args.epochs, "overrides": args.extra},
+                            "cpu_reduced": args.cpu_reduced, "teacher_epochs": args.epochs, "overrides": args.extra,
+                            "teacher_overrides": args.teacher_extra},
                "teachers": teachers}
-    return publish("fgd_attention", payload, markdown, "cpu", start, argv, args.out_dir)
+    return publish(f"fgd_attention{args.tag}", payload, markdown, "cpu", start, argv, args.out_dir)
 
 
 if __name__ == "__main__":

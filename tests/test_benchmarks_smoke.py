@@ -462,6 +462,25 @@ def test_fgd_attention_end_to_end_on_a_cached_teacher(tmp_path):
     assert "## synth: teacher AP 25.0" in md and md.count("| p3 |") == 2
 
 
+def test_fgd_attention_inspects_the_teacher_of_a_teacher_set_study(tmp_path):
+    """`--teacher-set` finds the teacher that `accuracy.py --teacher-set` trained (another config hash); the
+    missing-run error names that run folder."""
+    fa = _load("fgd_attention")
+    base = ["--datasets", "bccd", "--family", "fcos", "--cpu-reduced", "--teacher-epochs", "bccd=36",
+            "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "res"), "--tag", "_jitter"]
+    plain, jitter = fa.parse_args(base), fa.parse_args([*base, "--teacher-set", "data.scale_jitter=[0.6,1.4]"])
+    cfgs = [fa.acc.teacher_config("fcos", fa.study_args("bccd", a)) for a in (plain, jitter)]
+    assert cfgs[1].data.scale_jitter == [0.6, 1.4] and cfgs[0].data.scale_jitter is None
+    assert cfgs[1].train.epochs == 36
+    dirs = [fa.acc.cached_run_dir(c, "teacher_fcos", fa.study_args("bccd", a)) for c, a in zip(cfgs, (plain, jitter))]
+    assert dirs[0] != dirs[1]
+    acc_args = fa.acc.parse_args(["--dataset", "bccd", "--family", "fcos", "--cpu-reduced", "--teacher-epochs", "36",
+                                  "--teacher-set", "data.scale_jitter=[0.6,1.4]", "--runs-dir", str(tmp_path / "runs")])
+    assert fa.acc.cached_run_dir(fa.acc.teacher_config("fcos", acc_args), "teacher_fcos", acc_args) == dirs[1]
+    with pytest.raises(SystemExit, match=dirs[1].name):
+        fa.main([*base, "--teacher-set", "data.scale_jitter=[0.6,1.4]"])
+
+
 # ------------------------------------------------------------------------------------------------ common
 
 
