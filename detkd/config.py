@@ -228,8 +228,8 @@ def apply_override(cfg: Config, assignment: str) -> Config:
         last = i == len(parts) - 1
         if isinstance(tp, _ListOf):  # node is the list; part must index an existing entry
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"unknown key {path}: {'.'.join(parts[:i])} has {len(node)} entries, "
-                                  f"named by their index 0..{len(node) - 1}")
+                named = f", named by their index 0..{len(node) - 1}" if node else ""
+                raise ConfigError(f"unknown key {path}: {'.'.join(parts[:i])} has {len(node)} entries{named}")
             if last:
                 node[int(part)] = value
                 break
