@@ -254,6 +254,13 @@ def test_a_variant_sets_a_loss_parameter_for_an_ablation(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def _fake_meta() -> dict:
+    """A result file's ``meta`` as ``common.meta`` writes it, for the report tests."""
+    return {"machine": {"cpu": "c", "cores": 2, "cores_usable": 2, "torch_threads": 2, "load_avg_1m": 0.0,
+                        "python": "3", "torch": "t", "torchvision": "v", "gpu": None, "device": "cpu"},
+            "commit": "abc", "date": "d", "wall_time_s": 1.0, "command": "python benchmarks/accuracy.py"}
+
+
 def _record(label: str, seed: int, ap: float) -> dict:
     return {"label": label, "seed": seed, "metrics": {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.05},
             "steps": 10, "wall_time_s": 1.0, "date": "2026-01-01T00:00:00+00:00", "run_dir": "x"}
@@ -274,9 +281,7 @@ def test_summary_markdown_and_plot(tmp_path):
     assert fgd["gap_closed"] == pytest.approx((34.0 - 31.0) / (40.0 - 31.0))
     png = acc.accuracy_plot(summary, tmp_path / "a.png", "test")
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
-    meta = {"machine": {"cpu": "c", "cores": 2, "cores_usable": 2, "torch_threads": 2, "load_avg_1m": 0.0,
-                        "python": "3", "torch": "t", "torchvision": "v", "gpu": None, "device": "cpu"},
-            "commit": "abc", "date": "d", "wall_time_s": 1.0, "command": "python benchmarks/accuracy.py"}
+    meta = _fake_meta()
     md = acc.accuracy_markdown({"meta": meta, "settings": {"dataset": "synth", "seeds": [0, 1], "overrides": []},
                           "summary": summary, "runs": records, "plot": "a.png"})
     assert "| fgd (retinanet) | 34.0 ± 0.0 |" in md and "33%" in md and "![AP per method](a.png)" in md
@@ -336,9 +341,7 @@ def test_a_method_that_widens_the_student_is_compared_with_that_student_alone(mo
     assert inherit["delta"]["AP"]["diffs"] == pytest.approx([1.0, 1.0])  # against the wide student, not the R18
     assert plain["delta"]["AP"]["diffs"] == pytest.approx([1.0, 1.0])
     assert inherit["gap_closed"] == pytest.approx(1.0 / (40.0 - 32.05))
-    meta = {"machine": {"cpu": "c", "cores": 2, "cores_usable": 2, "torch_threads": 2, "load_avg_1m": 0.0,
-                        "python": "3", "torch": "t", "torchvision": "v", "gpu": None, "device": "cpu"},
-            "commit": "abc", "date": "d", "wall_time_s": 1.0, "command": "python benchmarks/accuracy.py"}
+    meta = _fake_meta()
     md = acc.accuracy_markdown({"meta": meta, "settings": {"dataset": "synth", "seeds": [0, 1], "overrides": []},
                                 "summary": {"fcos": summary}, "runs": records})
     assert f"| baseline {wide} (fcos) | 32.0 ± 0.1 |" in md and f"| fgd_inherit (fcos; student {wide}) |" in md
@@ -548,9 +551,7 @@ def test_teacher_set_changes_the_teacher_run_and_not_the_students():
         student, same = (acc.student_config(method, "fcos", a, teacher, 0) for a in (args, base_args))
         assert student.data.scale_jitter is None and acc.config_hash(student) == acc.config_hash(same)
     settings = {"dataset": "bccd", "seeds": [0], "overrides": [], "teacher_overrides": args.teacher_overrides}
-    meta = {"machine": {"cpu": "c", "cores": 2, "cores_usable": 2, "torch_threads": 1, "load_avg_1m": 0.0,
-                        "python": "3", "torch": "t", "torchvision": "v", "gpu": None, "device": "cpu"},
-            "commit": "abc", "date": "d", "wall_time_s": 1.0, "command": "python benchmarks/accuracy.py"}
+    meta = _fake_meta()
     md = acc.accuracy_markdown({"meta": meta, "settings": settings, "summary": {}, "runs": {}, "plot": None})
     assert "to the teachers only: `data.scale_jitter=[0.6,1.4] train.epochs=36`" in md
 
