@@ -203,28 +203,31 @@ class Variant(NamedTuple):
     entry: str
     method: str
     scales: dict[str, float]
-    params: dict[str, dict[str, float | str]]
+    params: dict[str, dict[str, float | str | bool]]
 
 
 def parse_variant(entry: str) -> Variant:
     """``"ld@kd=0.1:vlr_ld=0"``: LD with its own loss-term scales, which replace ``--scale``'s for those terms;
     ``"fgd@fgd.alpha_fgd=0"``: FGD with a parameter of its ``fgd`` loss set (not scaled) — a sweep or an ablation in
-    one report. A parameter's value is a number or a word (``"ld@ld.normalize=positives"``); a scale is a number."""
+    one report. A parameter's value is a number, true or false (``"lgd@lgd.eval_teacher=true"``) or a word
+    (``"ld@ld.normalize=positives"``); a scale is a number."""
     method, _, spec = entry.partition("@")
     scales: dict[str, float] = {}
-    params: dict[str, dict[str, float | str]] = {}
+    params: dict[str, dict[str, float | str | bool]] = {}
     for item in filter(None, spec.split(":")):
         term, _, factor = item.partition("=")
         loss, dot, param = term.partition(".")
-        value: float | str | None
+        value: float | str | bool | None
         try:
             value = float(factor)  # also fails when "=" is missing (factor "")
         except ValueError:
             value = factor if dot and factor.isidentifier() else None  # a word only for a parameter
+        if dot and isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"  # a flag: the word "false" must not reach the loss as a true string
         if not loss or (dot and not param) or value is None:
             raise ValueError(f"--methods {entry!r}: a variant is METHOD@TERM=FACTOR[:TERM=FACTOR...], "
                              "where TERM is a loss (its weight is scaled by the number FACTOR) or LOSS.PARAM "
-                             "(the parameter is set to FACTOR, a number or a word)")
+                             "(the parameter is set to FACTOR, a number, true/false or a word)")
         if dot:
             params.setdefault(loss, {})[param] = value
         else:
@@ -344,7 +347,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated; 'a+b' for a combination; 'ld@kd=0.1:vlr_ld=0' for a method with its own "
                         "loss-term scales (they replace --scale's for those terms); 'fgd@fgd.alpha_fgd=0' or "
-                        "'ld@ld.normalize=positives' for one with a loss parameter set (a number or a word)")
+                        "'ld@ld.normalize=positives' for one with a loss parameter set (a number, true/false or a "
+                        "word)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--only-seeds", default=None, help="train only these seeds (e.g. '1' or '0,2'); report skipped")
     p.add_argument("--teacher-only", action="store_true", help="train (or find) the teachers and stop")

@@ -61,10 +61,42 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
         + (f", for {s['teacher_epochs']} epochs." if s.get("teacher_epochs") else ", on the students' schedule."),
         md_table(["run", "AP", "AP50", "AP75", "Δ AP [95% CI]", "Δ AP50 [95% CI]", "gap closed"], rows),
         f"![AP per method]({payload['plot']})" if payload.get("plot") else "",
+        _label_guided_md(payload["runs"]),
         f"## Runs\n\nTraining wall time of all runs together: {_total_wall(payload['runs']) / 60:.0f} min (the meta "
         "line above is the wall time of this command, which reuses cached runs).\n\n"
         + md_table(["run", "seed", "AP", "steps", "wall s", "date", "commit", "machine"], _run_rows(payload["runs"])),
     ])
+
+
+#: the metrics of LGD's label-guided branch in a run record (``lgd.eval_teacher``; see detkd.runner)
+BRANCH = "lgd_branch/"
+
+
+def _label_guided_md(records: dict[str, Any]) -> str:
+    """LGD's label-guided branch next to the student of the same run, for the runs that evaluated it ("" if none):
+    the AP the student's head reaches from the instructive pyramid (built from the ground truth), i.e. how far
+    LGD's teacher is ahead of the student it distils into."""
+    rows, gaps = [], []
+    for family, rec in records.items():
+        for method, group in rec["methods"].items():
+            for seed, run in group.items():
+                if f"{BRANCH}AP" not in run["metrics"]:
+                    continue
+                student, branch = pct100(run, "AP"), pct100(run, f"{BRANCH}AP")
+                gaps.append(branch - student)
+                rows.append([f"{method} ({family})", seed, f"{student:.1f}", f"{branch:.1f}",
+                             f"{pct100(run, f'{BRANCH}AP50'):.1f}", f"{pct100(run, f'{BRANCH}AP75'):.1f}",
+                             f"{branch - student:+.1f}"])
+    if not rows:
+        return ""
+    mean = sum(gaps) / len(gaps)
+    return ("## LGD's label-guided branch\n\nLGD's teacher is the instructive pyramid built from the ground truth "
+            "and the student's own features; here it is evaluated on val through the student's head after training "
+            "(`lgd.eval_teacher`, the reference's EVAL_TEACHER). It reads the labels, so it is an upper reference for "
+            "what LGD distils, not a detector. Branch − student is the lead of LGD's teacher over the student; mean "
+            f"over these runs {mean:+.1f} AP.\n\n"
+            + md_table(["run", "seed", "student AP", "branch AP", "branch AP50", "branch AP75",
+                        "branch − student"], rows))
 
 
 def _all_runs(records: dict[str, Any]) -> list[tuple[str, dict]]:

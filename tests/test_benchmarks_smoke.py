@@ -200,6 +200,9 @@ def test_method_variants_carry_their_own_term_scales():
     assert acc.parse_variant("ld@kd=0.1:vlr_ld=0") == ("ld@kd=0.1:vlr_ld=0", "ld", {"kd": 0.1, "vlr_ld": 0.0}, {})
     assert acc.parse_variant("cwd+lgd") == ("cwd+lgd", "cwd+lgd", {}, {})
     assert acc.parse_variant("ld@ld.normalize=positives").params == {"ld": {"normalize": "positives"}}
+    # flags are booleans: the word "false" reaching a loss as a string would be truthy
+    assert acc.parse_variant("lgd@lgd.eval_teacher=false").params == {"lgd": {"eval_teacher": False}}
+    assert acc.parse_variant("lgd@lgd.eval_teacher=True").params["lgd"]["eval_teacher"] is True
     for bad in ("ld@kd", "ld@kd=x", "ld@=1", "fgd@fgd.=0", "fgd@.alpha_fgd=0", "ld@ld.normalize=a b"):
         with pytest.raises(ValueError, match="METHOD@TERM=FACTOR"):
             acc.parse_variant(bad)
@@ -554,6 +557,28 @@ def test_teacher_set_changes_the_teacher_run_and_not_the_students():
     meta = _fake_meta()
     md = acc.accuracy_markdown({"meta": meta, "settings": settings, "summary": {}, "runs": {}, "plot": None})
     assert "to the teachers only: `data.scale_jitter=[0.6,1.4] train.epochs=36`" in md
+
+
+def test_the_report_lists_lgd_label_guided_branch_against_its_student():
+    acc = _load("accuracy")
+    lgd0, lgd1 = _record("l", 0, 0.30), _record("l", 1, 0.32)
+    lgd0["metrics"].update({"lgd_branch/AP": 0.36, "lgd_branch/AP50": 0.60, "lgd_branch/AP75": 0.40})
+    lgd1["metrics"].update({"lgd_branch/AP": 0.35, "lgd_branch/AP50": 0.58, "lgd_branch/AP75": 0.39})
+    records = {"fcos": {"teacher": _record("teacher", 0, 0.40),
+                        "baseline": {0: _record("b", 0, 0.30), 1: _record("b", 1, 0.31)},
+                        "methods": {"lgd@lgd.eval_teacher=true": {0: lgd0, 1: lgd1}, "cwd": {0: _record("c", 0, 0.33),
+                                                                                          1: _record("c", 1, 0.33)}}}}
+    summary = _load("stats").summarize(records, [0, 1])
+    settings = {"dataset": "bccd", "seeds": [0, 1], "overrides": []}
+    md = acc.accuracy_markdown({"meta": _fake_meta(), "settings": settings, "summary": summary, "runs": records})
+    section = md.split("## LGD's label-guided branch")[1].split("## Runs")[0]
+    assert "| lgd@lgd.eval_teacher=true (fcos) | 0 | 30.0 | 36.0 | 60.0 | 40.0 | +6.0 |" in section
+    assert "| lgd@lgd.eval_teacher=true (fcos) | 1 | 32.0 | 35.0 | 58.0 | 39.0 | +3.0 |" in section
+    assert "mean over these runs +4.5 AP" in section and "cwd" not in section  # only runs that evaluated it
+    plain = {"fcos": {**records["fcos"], "methods": {"cwd": records["fcos"]["methods"]["cwd"]}}}
+    md = acc.accuracy_markdown({"meta": _fake_meta(), "settings": settings,
+                                "summary": _load("stats").summarize(plain, [0, 1]), "runs": plain})
+    assert "label-guided branch" not in md
 
 
 def test_a_variant_parameter_is_not_undone_by_the_scaled_lgd_warm_up():
