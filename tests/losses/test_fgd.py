@@ -240,6 +240,7 @@ def test_a_near_one_hot_teacher_attention_gets_a_first_step_note():
     assert float(loss.teacher_support["p3"].mean()) == pytest.approx(0.01, abs=1e-3)
     (note,) = loss.first_step_notes()
     assert "temp=0.8 covers only p3 1.0% of the cells" in note
+    assert "(e.g. temp: 4)" in note  # what to change, not only what is wrong
     # the same map at a temperature that spreads it: no note
     warm = FGDLoss(["p3"], SPECS, SPECS, temp=100.0, **UNIT)
     warm(_outputs(s, [[[0, 0, 10, 10]]] * 2, batch_shape=(160, 160)), _outputs(peaked, [[[0, 0, 10, 10]]] * 2,
