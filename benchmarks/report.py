@@ -92,9 +92,9 @@ def _label_guided_md(records: dict[str, Any]) -> str:
     mean = sum(gaps) / len(gaps)
     return ("## LGD's label-guided branch\n\nLGD's teacher is the instructive pyramid built from the ground truth "
             "and the student's own features; here it is evaluated on val through the student's head after training "
-            "(`lgd.eval_teacher`, the reference's EVAL_TEACHER). It reads the labels, so it is not a detector, but it is "
-            "only as good as what the student's head reads from it. Branch − student is the lead of LGD's teacher "
-            f"over the student (negative: it trails); mean over these runs {mean:+.1f} AP.\n\n"
+            "(`lgd.eval_teacher`, the reference's EVAL_TEACHER). It reads the labels, so it is not a detector, but "
+            "it is only as good as what the student's head reads from it. Branch − student is the lead of LGD's "
+            f"teacher over the student (negative: it trails); mean over these runs {mean:+.1f} AP.\n\n"
             + md_table(["run", "seed", "student AP", "branch AP", "branch AP50", "branch AP75",
                         "branch − student"], rows))
 
