@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import fcntl
 import hashlib
+import inspect
 import json
 import sys
 import time
@@ -203,27 +204,25 @@ class Variant(NamedTuple):
     entry: str
     method: str
     scales: dict[str, float]
-    params: dict[str, dict[str, float | str | bool]]
+    params: dict[str, dict[str, float | str]]
 
 
 def parse_variant(entry: str) -> Variant:
     """``"ld@kd=0.1:vlr_ld=0"``: LD with its own loss-term scales, which replace ``--scale``'s for those terms;
     ``"fgd@fgd.alpha_fgd=0"``: FGD with a parameter of its ``fgd`` loss set (not scaled) — a sweep or an ablation in
-    one report. A parameter's value is a number, true or false (``"lgd@lgd.eval_teacher=true"``) or a word
-    (``"ld@ld.normalize=positives"``); a scale is a number."""
+    one report. A parameter's value is a number or a word (``"ld@ld.normalize=positives"``; ``true``/``false`` for a
+    flag of the loss, see :func:`apply_variant`); a scale is a number."""
     method, _, spec = entry.partition("@")
     scales: dict[str, float] = {}
-    params: dict[str, dict[str, float | str | bool]] = {}
+    params: dict[str, dict[str, float | str]] = {}
     for item in filter(None, spec.split(":")):
         term, _, factor = item.partition("=")
         loss, dot, param = term.partition(".")
-        value: float | str | bool | None
+        value: float | str | None
         try:
             value = float(factor)  # also fails when "=" is missing (factor "")
         except ValueError:
             value = factor if dot and factor.isidentifier() else None  # a word only for a parameter
-        if dot and isinstance(value, str) and value.lower() in ("true", "false"):
-            value = value.lower() == "true"  # a flag: the word "false" must not reach the loss as a true string
         if not loss or (dot and not param) or value is None:
             raise ValueError(f"--methods {entry!r}: a variant is METHOD@TERM=FACTOR[:TERM=FACTOR...], "
                              "where TERM is a loss (its weight is scaled by the number FACTOR) or LOSS.PARAM "
@@ -252,9 +251,22 @@ def apply_variant(cfg: Config, variant: Variant) -> Config:
                              f"(it has {sorted(known)})")
     if not variant.params:
         return cfg
-    new = [dataclasses.replace(lc, params={**lc.params, **variant.params[lc.method]}) if lc.method in variant.params
+    typed = {loss: {name: _flag(loss, name, value, variant.entry) for name, value in values.items()}
+             for loss, values in variant.params.items()}
+    new = [dataclasses.replace(lc, params={**lc.params, **typed[lc.method]}) if lc.method in typed
            else lc for lc in cfg.distill.losses]
     return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, losses=new))
+
+
+def _flag(loss: str, name: str, value: float | str, entry: str) -> float | str | bool:
+    """``value`` as the loss's parameter takes it: the word true/false is a bool for a flag (``lgd.eval_teacher``:
+    the string "false" would be truthy) and stays a word elsewhere (``vlr_ld.diou=true`` is the string "true")."""
+    param = inspect.signature(LOSSES[loss].__init__).parameters.get(name) if loss in LOSSES else None
+    if param is None or not isinstance(param.default, bool):
+        return value
+    if not isinstance(value, str) or value.lower() not in ("true", "false"):
+        raise ValueError(f"--methods {entry!r}: {loss}.{name} is a flag: set it to true or false, got {value!r}")
+    return value.lower() == "true"
 
 
 def variant_family(variant: Variant, args: argparse.Namespace) -> str:

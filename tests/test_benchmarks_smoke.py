@@ -200,9 +200,6 @@ def test_method_variants_carry_their_own_term_scales():
     assert acc.parse_variant("ld@kd=0.1:vlr_ld=0") == ("ld@kd=0.1:vlr_ld=0", "ld", {"kd": 0.1, "vlr_ld": 0.0}, {})
     assert acc.parse_variant("cwd+lgd") == ("cwd+lgd", "cwd+lgd", {}, {})
     assert acc.parse_variant("ld@ld.normalize=positives").params == {"ld": {"normalize": "positives"}}
-    # flags are booleans: the word "false" reaching a loss as a string would be truthy
-    assert acc.parse_variant("lgd@lgd.eval_teacher=false").params == {"lgd": {"eval_teacher": False}}
-    assert acc.parse_variant("lgd@lgd.eval_teacher=True").params["lgd"]["eval_teacher"] is True
     for bad in ("ld@kd", "ld@kd=x", "ld@=1", "fgd@fgd.=0", "fgd@.alpha_fgd=0", "ld@ld.normalize=a b"):
         with pytest.raises(ValueError, match="METHOD@TERM=FACTOR"):
             acc.parse_variant(bad)
@@ -579,6 +576,24 @@ def test_the_report_lists_lgd_label_guided_branch_against_its_student():
     md = acc.accuracy_markdown({"meta": _fake_meta(), "settings": settings,
                                 "summary": _load("stats").summarize(plain, [0, 1]), "runs": plain})
     assert "label-guided branch" not in md
+
+
+def test_a_variant_sets_a_flag_as_a_bool_and_leaves_other_words_alone():
+    acc = _load("accuracy")
+    args = acc.parse_args(["--dataset", "bccd", "--family", "fcos", "--cpu-reduced"])
+
+    def lgd_params(entry: str) -> dict:
+        return acc.student_config("lgd", "fcos", args, None, 0, acc.parse_variant(entry)).distill.losses[0].params
+
+    # flags are booleans: the word "false" reaching a loss as a string would be truthy
+    assert lgd_params("lgd@lgd.eval_teacher=false")["eval_teacher"] is False
+    assert lgd_params("lgd@lgd.eval_teacher=True")["eval_teacher"] is True
+    for bad in ("lgd@lgd.eval_teacher=1", "lgd@lgd.eval_teacher=yes"):
+        with pytest.raises(ValueError, match="lgd.eval_teacher is a flag"):
+            lgd_params(bad)
+    # a string parameter whose value is the word "true" stays that word (VLR's DIoU variant)
+    ld = acc.student_config("ld", "gfl", args, {"run_dir": "/nowhere"}, 0, acc.parse_variant("ld@vlr_ld.diou=true"))
+    assert [lc.params["diou"] for lc in ld.distill.losses if lc.method == "vlr_ld"] == ["true"]
 
 
 def test_a_variant_parameter_is_not_undone_by_the_scaled_lgd_warm_up():
