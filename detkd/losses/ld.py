@@ -222,6 +222,8 @@ class VLRLD(_LDBase):
         exclude_positives: bool = False,
     ):
         super().__init__(levels, student_specs, teacher_specs, tau=tau)
+        if diou is True:  # `diou: true` in YAML, or `--set ...diou=true`, reads the word as a bool
+            diou = "true"
         if diou not in ("official", "true"):
             raise ValueError(f"vlr_ld: diou must be 'official' or 'true', got {diou!r}")
         self.alpha, self.topk, self.diou = float(alpha), int(topk), diou

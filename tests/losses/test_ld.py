@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from detkd.config import apply_override, load_config
 from detkd.losses.ld import LD_DEFAULTS, VLRLD, MainKD, MainLD, kd_kl_rows
 from detkd.regions.vlr import vlr_region_loop
 from detkd.structures import Assignment, DetOutputs, FeatureSpec
@@ -214,3 +215,19 @@ def test_ld_defaults_cite_the_official_configs():
         for method, cfg in family.items():
             params = {k: v for k, v in cfg.items() if k != "weight"}
             assert classes[method]([], SPECS, SPECS, **params).tau == cfg["tau"]
+
+
+def test_vlr_ld_diou_true_from_yaml_or_set_is_the_true_diou():
+    # `--set ...diou=true` (and `diou: true` in a YAML recipe) is parsed as a YAML bool
+    recipe = load_config("configs/ld_gfl_r50_r18_synth.yaml")
+    index = [lc.method for lc in recipe.distill.losses].index("vlr_ld")
+    cfg = apply_override(recipe, f"distill.losses.{index}.params.diou=true")
+    assert cfg.distill.losses[index].params["diou"] is True
+    s_dist, _, s_cls, _, labels = _ld_case(4)
+    student = gfl_outputs(s_dist, s_cls, labels, _vlr_boxes())
+    from_bool = VLRLD([], SPECS, SPECS, topk=3, diou=True)
+    assert from_bool.diou == "true"
+    expected = VLRLD([], SPECS, SPECS, topk=3, diou="true").region(student)
+    assert torch.equal(from_bool.region(student), expected)
+    with pytest.raises(ValueError, match="diou must be 'official' or 'true', got False"):
+        VLRLD([], SPECS, SPECS, diou=False)
