@@ -649,3 +649,38 @@ def test_ld_positives_on_tiny_runs(tmp_path):
         lp.main(argv)
     with pytest.raises(SystemExit):
         lp.parse_args(["--teacher", "t", "--student", "a=x", "--reference", "c"])
+
+
+# ------------------------------------------------------------------------------------------------ lgd_masks
+
+
+def test_lgd_masks_counts_grid_points_by_hand():
+    lm = _load("lgd_masks")
+    # padded batch 64x64; p3 is 8x8 (a grid point every 8 px), p5 2x2 (every 32 px, at 0 and 32 in input pixels)
+    levels = {"p3": (8, 8), "p5": (2, 2)}
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 24.0, 24.0],    # p3: x,y in 0..3 -> 4x4; p5: 0..0.75 -> (0,0)
+                                       [42.0, 42.0, 46.0, 46.0]]),  # p3: 5.25..5.75 -> none; p5: 1.31..1.44 -> none
+                "labels": torch.tensor([1, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]  # no rows for it
+    points, labels = lm.box_points(targets, (64, 64), levels, num_classes=2)
+    assert points.tolist() == [[16, 1], [0, 0]] and labels.tolist() == [1, 2]
+    s = lm.summarise(points, labels, list(levels), ["a", "b"])
+    assert s["all"]["boxes"] == 2 and s["all"]["empty"] == {"p3": 0.5, "p5": 0.5}
+    assert s["all"]["empty_all_levels"] == 0.5 and s["b"]["empty_all_levels"] == 1.0
+    assert s["a"]["points"] == {"p3": 16.0, "p5": 1.0}
+
+
+def test_lgd_masks_end_to_end_tiny(tmp_path):
+    lm = _load("lgd_masks")
+    argv = ["--datasets", "synth", "--cpu-reduced", "--set", "data.synthetic.num_train=4",
+            "--set", "data.synthetic.num_val=4", "--set", f"data.root={tmp_path / 'synth'}",
+            "--out-dir", str(tmp_path / "res")]
+    payload = lm.main(argv)
+    _check_meta(payload["meta"])
+    entry = payload["datasets"]["synth"]
+    assert entry["images"] == 4 and entry["input_size"] == "96/96" and entry["batch_shapes"] == [(96, 96)]
+    assert entry["level_hw"] == {"p3": [12, 12], "p4": [6, 6], "p5": [3, 3], "p6": [2, 2], "p7": [1, 1]}
+    cov = entry["coverage"]["all"]
+    assert cov["boxes"] > 0 and cov["empty"]["p3"] <= cov["empty"]["p5"] <= cov["empty"]["p7"]
+    md = (tmp_path / "res" / "lgd_masks.md").read_text()
+    assert "## synth: train split, 4 images, input 96/96" in md and "| every level |" in md

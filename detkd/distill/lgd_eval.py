@@ -15,8 +15,9 @@ from detkd.losses.lgd import LGDLoss
 
 class LabelGuidedDetector(nn.Module):
     """A detector whose input includes the ground truth: ``forward(images, targets) -> detections`` (original image
-    coordinates). Its AP is an upper reference for what the student's head can read from the label-guided pyramid;
-    the deployable model remains the student alone."""
+    coordinates). Its AP measures what the student's head reads from the label-guided pyramid, LGD's "teacher"; it
+    reads the labels, yet it can trail the student when the branch is weak. The deployable model remains the student
+    alone."""
 
     def __init__(self, distiller: Distiller, lgd: LGDLoss):
         super().__init__()
