@@ -684,3 +684,58 @@ def test_lgd_masks_end_to_end_tiny(tmp_path):
     assert cov["boxes"] > 0 and cov["empty"]["p3"] <= cov["empty"]["p5"] <= cov["empty"]["p7"]
     md = (tmp_path / "res" / "lgd_masks.md").read_text()
     assert "## synth: train split, 4 images, input 96/96" in md and "| every level |" in md
+
+
+# ------------------------------------------------------------------------------------------------ lgd_relations
+
+
+def test_lgd_relations_box_shares_by_hand():
+    lr = _load("lgd_relations")
+    # image 0: boxes of class 1, 1, 2 and a context row; image 1: one box (left out: alone in its image)
+    labels = torch.tensor([1, 1, 2, 0, 3])
+    image_index = torch.tensor([0, 0, 0, 0, 1])
+    w = torch.tensor([[0.5, 0.2, 0.2, 0.1, 0.0],
+                      [0.6, 0.1, 0.3, 0.0, 0.0],   # box 1 attends mostly to box 0 (same class)
+                      [0.1, 0.1, 0.4, 0.4, 0.0],   # its largest weight is the context row: still "own" among boxes
+                      [0.2, 0.2, 0.2, 0.4, 0.0],
+                      [0.0, 0.0, 0.0, 0.0, 1.0]])
+    s = {k: v.tolist() for k, v in lr.box_shares(w, labels, image_index).items()}
+    assert s["own"] == pytest.approx([0.5, 0.1, 0.4])
+    assert s["argmax_own"] == [1.0, 0.0, 1.0]
+    assert s["same_class"] == pytest.approx([0.2, 0.6, 0.0])
+    assert s["other_class"] == pytest.approx([0.2, 0.3, 0.2])
+    assert s["class_mass"] == pytest.approx([0.7, 0.7, 0.4])
+
+
+def test_lgd_relations_end_to_end_on_a_saved_state(tmp_path):
+    lr = _load("lgd_relations")
+    from detkd.build import build_distiller, build_model
+    from detkd.config import apply_override, dump_config, load_config
+    from detkd.data import build_dataset
+
+    cfg = load_config(BENCH.parent / "configs" / "lgd_fcos_r18_synth.yaml")
+    for o in ["data.synthetic.num_train=4", "data.synthetic.num_val=4", f"data.root={tmp_path / 'synth'}",
+              "model.min_size=96", "model.max_size=96"]:
+        cfg = apply_override(cfg, o)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit, match="no state.pt"):
+        lr.main([str(run_dir), "--out-dir", str(tmp_path / "res")])
+    val = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    torch.manual_seed(0)
+    distiller = build_distiller(build_model(cfg.model, val.num_classes), None, cfg.distill,
+                                num_classes=val.num_classes)
+    run_dir.mkdir()
+    dump_config(cfg, run_dir / "config.yaml")
+    torch.save({"trainable": distiller.state_dict()}, run_dir / "state.pt")
+    (run_dir / "result.json").write_text(json.dumps({"metrics": {"AP": 0.2, "lgd_branch/AP": 0.1}}))
+    payload = lr.main([str(run_dir), "--out-dir", str(tmp_path / "res"), "--tag", "_t"])
+    _check_meta(payload["meta"])
+    (run,) = payload["runs"]
+    assert run["images"] == 4 and run["AP"] == pytest.approx(20.0) and run["branch_AP"] == pytest.approx(10.0)
+    assert set(run["levels"]) == {"p3", "p4", "p5", "p6", "p7"}
+    assert run["images_with_2plus_boxes"] >= 1 and run["boxes_counted"] >= 2
+    for s in run["levels"].values():
+        assert 0 <= s["own"] <= s["class_mass"] <= 1 + 1e-6 and 0 <= s["argmax_own"] <= 1
+        assert s["class_mass"] + s["other_class"] <= 1 + 1e-6  # the rest is the context row's
+    md = (tmp_path / "res" / "lgd_relations_t.md").read_text()
+    assert "## `run`" in md and "student AP 20.0, branch AP 10.0" in md

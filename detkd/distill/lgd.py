@@ -71,6 +71,35 @@ class LGDTeacher(nn.Module):
 
         The output has exactly the keys and shapes of ``features``. ``batch_shape`` is the padded batch (h, w).
         """
+        rows = self._rows(features, targets, batch_shape)
+        out = {}
+        for name, feat in features.items():
+            masks, related, _ = self._relate(feat, rows, batch_shape, need_weights=False)
+            out[name] = self.mapper(related, masks, rows["image_index"], rows["bias_row"], len(targets))
+        return out
+
+    def relations(
+        self, features: dict[str, Tensor], targets: list[dict[str, Tensor]], batch_shape: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        """What the relation adapter did, for diagnosis (no effect on training).
+
+        Returns ``labels`` (T,) (0: context or dummy row), ``image_index`` (T,), ``is_context`` (T,), and per level
+        ``weights/<level>``: the (T, T) attention weights averaged over heads (row i: how box i's appearance query
+        spreads over the label embeddings of the boxes of its image; each row sums to 1, cross-image entries are 0)
+        and ``points/<level>``: (T,) grid points inside each box's mask.
+        """
+        rows = self._rows(features, targets, batch_shape)
+        out = {k: rows[k] for k in ("labels", "image_index", "is_context")}
+        for name, feat in features.items():
+            masks, _, weights = self._relate(feat, rows, batch_shape, need_weights=True)
+            out[f"weights/{name}"] = weights
+            out[f"points/{name}"] = masks.flatten(1).sum(1)
+        return out
+
+    def _rows(
+        self, features: dict[str, Tensor], targets: list[dict[str, Tensor]], batch_shape: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        """Per-box rows of the batch shared by every level: boxes, labels, label embeddings, masks of the attention."""
         num_images = len(targets)
         for name, f in features.items():
             if f.dim() != 4 or f.shape[0] != num_images or f.shape[1] != self.channels:
@@ -82,19 +111,29 @@ class LGDTeacher(nn.Module):
             targets, batch_shape, self.num_classes, add_context=self.add_context
         )
         desc = encode_descriptors(boxes, labels, batch_shape, self.num_classes)
-        labels_emb = self.label_proj(self.label_encoder(desc, image_index, num_images))
-        blocked = cross_image_mask(image_index)
-        bias_row = self._bias_rows(targets, image_index, is_context)
-        out = {}
-        for name, feat in features.items():
-            if self.detach_appearance:
-                feat = feat.detach()
-            masks = inside_masks(boxes, batch_shape, (feat.shape[-2], feat.shape[-1]))
-            appearance = mask_pool(self.appearance_proj(feat), masks, image_index)
-            # unbatched MHA: (T, C) query over (T, C) keys; every row sees at least itself, so no row is all-blocked
-            related, _ = self.attention(appearance, labels_emb, labels_emb, attn_mask=blocked, need_weights=False)
-            out[name] = self.mapper(related, masks, image_index, bias_row, num_images)
-        return out
+        return {
+            "boxes": boxes,
+            "labels": labels,
+            "image_index": image_index,
+            "is_context": is_context,
+            "labels_emb": self.label_proj(self.label_encoder(desc, image_index, num_images)),
+            "blocked": cross_image_mask(image_index),
+            "bias_row": self._bias_rows(targets, image_index, is_context),
+        }
+
+    def _relate(
+        self, feat: Tensor, rows: dict[str, Tensor], batch_shape: tuple[int, int], *, need_weights: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One level: inside-masks, and the relation adapter's output (and its head-averaged weights if asked)."""
+        if self.detach_appearance:
+            feat = feat.detach()
+        masks = inside_masks(rows["boxes"], batch_shape, (feat.shape[-2], feat.shape[-1]))
+        appearance = mask_pool(self.appearance_proj(feat), masks, rows["image_index"])
+        # unbatched MHA: (T, C) query over (T, C) keys; every row sees at least itself, so no row is all-blocked
+        related, weights = self.attention(
+            appearance, rows["labels_emb"], rows["labels_emb"], attn_mask=rows["blocked"], need_weights=need_weights
+        )
+        return masks, related, weights
 
     def _bias_rows(self, targets: list[dict[str, Tensor]], image_index: Tensor, is_context: Tensor) -> Tensor:
         """Rows whose mapper output is a per-image bias instead of being painted.

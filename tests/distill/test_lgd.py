@@ -215,6 +215,44 @@ def test_detach_appearance(detach):
     assert (feats["p3"].grad is None) == detach
 
 
+def _two_image_targets():
+    targets = _targets()
+    targets[1] = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([2])}
+    return targets
+
+
+def test_relations_rows_and_weights():
+    torch.manual_seed(0)
+    teacher = LGDTeacher(C, 3)
+    feats = _features()
+    rel = teacher.relations(feats, _two_image_targets(), BATCH)
+    # rows: image 0's two boxes + its context, image 1's box + its context
+    assert rel["labels"].tolist() == [1, 3, 0, 2, 0] and rel["image_index"].tolist() == [0, 0, 0, 1, 1]
+    assert rel["is_context"].tolist() == [False, False, True, False, True]
+    rows = teacher._rows(feats, _two_image_targets(), BATCH)
+    for name, feat in feats.items():
+        w = rel[f"weights/{name}"]
+        assert w.shape == (5, 5)
+        torch.testing.assert_close(w.sum(1), torch.ones(5))
+        assert w[:3, 3:].abs().max() == 0 and w[3:, :3].abs().max() == 0  # no weight across images
+        masks, _, _ = teacher._relate(feat, rows, BATCH, need_weights=False)
+        assert rel[f"points/{name}"].tolist() == masks.flatten(1).sum(1).tolist()
+
+
+def test_relations_weights_are_the_ones_the_pyramid_is_rendered_from():
+    # with one head, the adapter's output is out_proj(weights @ values): the reported weights are the used ones
+    torch.manual_seed(0)
+    teacher = LGDTeacher(C, 3, num_heads=1)
+    feats, targets = _features(), _two_image_targets()
+    rel = teacher.relations(feats, targets, BATCH)
+    rows = teacher._rows(feats, targets, BATCH)
+    attn = teacher.attention
+    values = nn.functional.linear(rows["labels_emb"], attn.in_proj_weight[2 * C:], attn.in_proj_bias[2 * C:])
+    for name in ("p3", "p5"):
+        _, related, _ = teacher._relate(feats[name], rows, BATCH, need_weights=False)
+        torch.testing.assert_close(related, attn.out_proj(rel[f"weights/{name}"] @ values))
+
+
 def test_heads_must_divide_channels():
     with pytest.raises(ValueError, match="num_heads"):
         LGDTeacher(12, 3, num_heads=8)
