@@ -13,6 +13,7 @@ As in the reference, one set of modules is shared by all levels (one projection,
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from detkd.distill.lgd_modules import (
@@ -35,6 +36,10 @@ class LGDTeacher(nn.Module):
         add_context: append the whole-image context box per image (official ADD_CONTEXT_BOX).
         detach_appearance: pool appearance from detached student features (official DETACH_APPEARANCE_EMBED).
         num_heads: attention heads; must divide ``channels``.
+        relation: which label embeddings a box's appearance query may attend to. ``"image"`` (official
+            'stuGuided'): every box of its image (and the context row). ``"self"``: only its own, so each box renders
+            its own label embedding (an ablation, not the reference: it shows what a branch whose attention never
+            mixes objects gives; ``benchmarks/lgd_relations.py`` measures how much the official one mixes).
     """
 
     def __init__(
@@ -45,10 +50,14 @@ class LGDTeacher(nn.Module):
         add_context: bool = True,
         detach_appearance: bool = False,
         num_heads: int = 8,
+        relation: str = "image",
     ):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"LGDTeacher: num_heads={num_heads} must divide the FPN channels ({channels})")
+        if relation not in ("image", "self"):
+            raise ValueError(f"LGDTeacher: relation must be 'image' or 'self', got {relation!r}")
+        self.relation = relation
         self.channels = channels
         self.num_classes = num_classes
         self.add_context = add_context
@@ -117,9 +126,15 @@ class LGDTeacher(nn.Module):
             "image_index": image_index,
             "is_context": is_context,
             "labels_emb": self.label_proj(self.label_encoder(desc, image_index, num_images)),
-            "blocked": cross_image_mask(image_index),
+            "blocked": self._blocked(image_index),
             "bias_row": self._bias_rows(targets, image_index, is_context),
         }
+
+    def _blocked(self, image_index: Tensor) -> Tensor:
+        """(T, T) True where the attention may not look: other images' rows (``"self"``: every row but its own)."""
+        if self.relation == "self":
+            return ~torch.eye(len(image_index), dtype=torch.bool, device=image_index.device)
+        return cross_image_mask(image_index)
 
     def _relate(
         self, feat: Tensor, rows: dict[str, Tensor], batch_shape: tuple[int, int], *, need_weights: bool

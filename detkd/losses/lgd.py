@@ -96,7 +96,9 @@ class LGDLoss(DistillLoss):
 
     Before the first forward the Distiller must call ``bind_head(fn)``, ``fn(features, like) -> {name: loss}``
     running the student's head, assignment and task losses on another pyramid (with ``like``'s targets and anchors),
-    and ``set_step(step)`` every step. Params follow the official config names (docs/methods.md §5.2).
+    and ``set_step(step)`` every step. Params follow the official config names (docs/methods.md §5.2);
+    ``eval_teacher`` also evaluates the label-guided branch after training (the reference's EVAL_TEACHER), and
+    ``relation`` (default ``"image"``, the reference) is passed to :class:`~detkd.distill.lgd.LGDTeacher`.
     """
 
     name = "lgd"
@@ -120,6 +122,7 @@ class LGDLoss(DistillLoss):
         post_mode: str = "detach",
         eval_teacher: bool = False,
         num_heads: int = 8,
+        relation: str = "image",
     ):
         super().__init__(levels, student_specs, None)
         unknown = [lvl for lvl in self.levels if lvl not in self.student_specs]
@@ -134,7 +137,8 @@ class LGDLoss(DistillLoss):
             raise ValueError(f"lgd: post_mode must be 'detach' or 'off', got {post_mode!r}")
         (c,) = channels
         self.teacher = LGDTeacher(
-            c, num_classes, add_context=add_context, detach_appearance=detach_appearance, num_heads=num_heads
+            c, num_classes, add_context=add_context, detach_appearance=detach_appearance, num_heads=num_heads,
+            relation=relation,
         )
         self.adapter = SequentialConvs(c)
         self.lam = lam

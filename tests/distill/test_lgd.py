@@ -253,6 +253,25 @@ def test_relations_weights_are_the_ones_the_pyramid_is_rendered_from():
         torch.testing.assert_close(related, attn.out_proj(rel[f"weights/{name}"] @ values))
 
 
+def test_relation_self_renders_each_box_from_its_own_label_only():
+    torch.manual_seed(0)
+    teacher = LGDTeacher(C, 3, relation="self")
+    feats, targets = _features(), _two_image_targets()
+    rel = teacher.relations(feats, targets, BATCH)
+    for name in feats:
+        torch.testing.assert_close(rel[f"weights/{name}"], torch.eye(5))
+    rows = teacher._rows(feats, targets, BATCH)
+    attn = teacher.attention
+    values = nn.functional.linear(rows["labels_emb"], attn.in_proj_weight[2 * C:], attn.in_proj_bias[2 * C:])
+    _, related, _ = teacher._relate(feats["p3"], rows, BATCH, need_weights=False)
+    torch.testing.assert_close(related, attn.out_proj(values))  # independent of the appearance query
+    official = LGDTeacher(C, 3)
+    official.load_state_dict(teacher.state_dict())
+    assert not torch.allclose(official(feats, targets, BATCH)["p3"], teacher(feats, targets, BATCH)["p3"])
+    with pytest.raises(ValueError, match="relation must be 'image' or 'self'"):
+        LGDTeacher(C, 3, relation="box")
+
+
 def test_heads_must_divide_channels():
     with pytest.raises(ValueError, match="num_heads"):
         LGDTeacher(12, 3, num_heads=8)
