@@ -7,8 +7,8 @@ the vector painted into a box mixes the other objects' classes and coordinates. 
 the val images of trained LGD runs (run folders of ``detkd train`` that still hold ``state.pt``), per FPN level,
 for every box in an image with at least two boxes (with one box the weight on itself is 1 by construction):
 
-* ``own``: mean attention weight on the box's own label row; ``argmax own``: share of boxes whose largest weight is
-  their own row;
+* ``own``: mean attention weight on the box's own label row, beside ``uniform``, what a weight spread evenly over
+  the image's boxes would give (1/n); ``argmax own``: share of boxes whose largest weight is their own row;
 * ``same class``: weight on the *other* boxes of the same class; ``other class``: weight on boxes of another class;
 * ``class mass``: own + same class (how much of the rendered label is the right class).
 
@@ -41,7 +41,7 @@ from detkd.data.loader import collate  # noqa: E402
 from detkd.engine.checkpoint import load_checkpoint  # noqa: E402
 from detkd.losses.lgd import LGDLoss  # noqa: E402
 
-STATS = ("own", "argmax_own", "same_class", "other_class", "class_mass")
+STATS = ("own", "uniform", "argmax_own", "same_class", "other_class", "class_mass")
 
 
 def box_shares(weights: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -61,7 +61,8 @@ def box_shares(weights: torch.Tensor, labels: torch.Tensor, image_index: torch.T
     # argmax over the real rows of the box's image (the context row is not a box)
     masked = weights.masked_fill(~real_pairs, -1.0)
     argmax_own = masked.argmax(1) == torch.arange(len(labels), device=labels.device)
-    out = {"own": own, "argmax_own": argmax_own.float(), "same_class": same, "other_class": other,
+    out = {"own": own, "uniform": 1.0 / real_pairs.sum(1).clamp(min=1), "argmax_own": argmax_own.float(),
+           "same_class": same, "other_class": other,
            "class_mass": own + same}
     return {k: v[keep] for k, v in out.items()}
 
@@ -119,7 +120,8 @@ def markdown(payload: dict[str, Any]) -> str:
              "Val images; every GT box of an image with at least two boxes; attention weights averaged over heads. "
              "`own`: weight on the box's own label row; `argmax own`: share of boxes whose largest weight is their "
              "own row; `same class` / `other class`: weight on the other boxes of the same / another class; `class "
-             "mass` = own + same class. A weight spread evenly over n boxes gives own 1/n.", ""]
+             "mass` = own + same class. `uniform (1/n)`: the own weight of an attention spread evenly over the n "
+             "boxes of the image.", ""]
     for run in payload["runs"]:
         ap = "" if run["AP"] is None else f", student AP {run['AP']:.1f}"
         branch = "" if run["branch_AP"] is None else f", branch AP {run['branch_AP']:.1f}"
@@ -128,7 +130,8 @@ def markdown(payload: dict[str, Any]) -> str:
                   f"{run['mean_boxes_per_image']:.1f} boxes per image, {run['num_classes']} classes), "
                   f"{run['boxes_counted']} boxes counted{ap}{branch}", ""]
         rows = [[level, *(f"{s[k]:.2f}" for k in STATS)] for level, s in run["levels"].items()]
-        lines += [md_table(["level", "own", "argmax own", "same class", "other class", "class mass"], rows), ""]
+        headers = ["level", "own", "uniform (1/n)", "argmax own", "same class", "other class", "class mass"]
+        lines += [md_table(headers, rows), ""]
     return "\n".join(lines)
 
 

@@ -700,7 +700,7 @@ def test_lgd_relations_box_shares_by_hand():
                       [0.2, 0.2, 0.2, 0.4, 0.0],
                       [0.0, 0.0, 0.0, 0.0, 1.0]])
     s = {k: v.tolist() for k, v in lr.box_shares(w, labels, image_index).items()}
-    assert s["own"] == pytest.approx([0.5, 0.1, 0.4])
+    assert s["own"] == pytest.approx([0.5, 0.1, 0.4]) and s["uniform"] == pytest.approx([1 / 3] * 3)
     assert s["argmax_own"] == [1.0, 0.0, 1.0]
     assert s["same_class"] == pytest.approx([0.2, 0.6, 0.0])
     assert s["other_class"] == pytest.approx([0.2, 0.3, 0.2])
