@@ -76,25 +76,25 @@ def _label_guided_md(records: dict[str, Any]) -> str:
     """LGD's label-guided branch next to the student of the same run, for the runs that evaluated it ("" if none):
     the AP the student's head reaches from the instructive pyramid (built from the ground truth), i.e. how far
     LGD's teacher is ahead of (or behind) the student it distils into."""
-    rows, gaps = [], []
+    rows, gaps = [], {}
     for family, rec in records.items():
         for method, group in rec["methods"].items():
             for seed, run in group.items():
                 if f"{BRANCH}AP" not in run["metrics"]:
                     continue
                 student, branch = pct100(run, "AP"), pct100(run, f"{BRANCH}AP")
-                gaps.append(branch - student)
+                gaps.setdefault(f"{method} ({family})", []).append(branch - student)
                 rows.append([f"{method} ({family})", seed, f"{student:.1f}", f"{branch:.1f}",
                              f"{pct100(run, f'{BRANCH}AP50'):.1f}", f"{pct100(run, f'{BRANCH}AP75'):.1f}",
                              f"{branch - student:+.1f}"])
     if not rows:
         return ""
-    mean = sum(gaps) / len(gaps)
+    means = "; ".join(f"{name} {sum(g) / len(g):+.1f}" for name, g in gaps.items())
     return ("## LGD's label-guided branch\n\nLGD's teacher is the instructive pyramid built from the ground truth "
             "and the student's own features; here it is evaluated on val through the student's head after training "
             "(`lgd.eval_teacher`, the reference's EVAL_TEACHER). It reads the labels, so it is not a detector, but "
             "it is only as good as what the student's head reads from it. Branch − student is the lead of LGD's "
-            f"teacher over the student (negative: it trails); mean over these runs {mean:+.1f} AP.\n\n"
+            f"teacher over the student (negative: it trails); mean over the seeds of each entry: {means} AP.\n\n"
             + md_table(["run", "seed", "student AP", "branch AP", "branch AP50", "branch AP75",
                         "branch − student"], rows))
 

@@ -565,14 +565,20 @@ def test_the_report_lists_lgd_label_guided_branch_against_its_student():
                         "baseline": {0: _record("b", 0, 0.30), 1: _record("b", 1, 0.31)},
                         "methods": {"lgd@lgd.eval_teacher=true": {0: lgd0, 1: lgd1}, "cwd": {0: _record("c", 0, 0.33),
                                                                                           1: _record("c", 1, 0.33)}}}}
+    self0, self1 = _record("s", 0, 0.30), _record("s", 1, 0.30)
+    self0["metrics"].update({"lgd_branch/AP": 0.40, "lgd_branch/AP50": 0.7, "lgd_branch/AP75": 0.5})
+    self1["metrics"].update({"lgd_branch/AP": 0.42, "lgd_branch/AP50": 0.7, "lgd_branch/AP75": 0.5})
+    records["fcos"]["methods"]["lgd@lgd.relation=self"] = {0: self0, 1: self1}
     summary = _load("stats").summarize(records, [0, 1])
     settings = {"dataset": "bccd", "seeds": [0, 1], "overrides": []}
     md = acc.accuracy_markdown({"meta": _fake_meta(), "settings": settings, "summary": summary, "runs": records})
     section = md.split("## LGD's label-guided branch")[1].split("## Runs")[0]
+    assert "; lgd@lgd.relation=self (fcos) +11.0 AP" in section  # a mean per entry, not over all runs
     assert "| lgd@lgd.eval_teacher=true (fcos) | 0 | 30.0 | 36.0 | 60.0 | 40.0 | +6.0 |" in section
     assert "| lgd@lgd.eval_teacher=true (fcos) | 1 | 32.0 | 35.0 | 58.0 | 39.0 | +3.0 |" in section
-    assert "mean over these runs +4.5 AP" in section and "cwd" not in section  # only runs that evaluated it
-    plain = {"fcos": {**records["fcos"], "methods": {"cwd": records["fcos"]["methods"]["cwd"]}}}
+    assert "each entry: lgd@lgd.eval_teacher=true (fcos) +4.5; lgd@" in section
+    assert "cwd" not in section  # only runs that evaluated it
+    plain = {"fcos": {**records["fcos"], "methods": {"cwd": records["fcos"]["methods"]["cwd"]}}}  # no branch
     md = acc.accuracy_markdown({"meta": _fake_meta(), "settings": settings,
                                 "summary": _load("stats").summarize(plain, [0, 1]), "runs": plain})
     assert "label-guided branch" not in md
