@@ -10,7 +10,8 @@ for every box in an image with at least two boxes (with one box the weight on it
 * ``own``: mean attention weight on the box's own label row, beside ``uniform``, what a weight spread evenly over
   the image's boxes would give (1/n); ``argmax own``: share of boxes whose largest weight is their own row;
 * ``same class``: weight on the *other* boxes of the same class; ``other class``: weight on boxes of another class;
-* ``class mass``: own + same class (how much of the rendered label is the right class).
+* ``class mass``: own + same class (how much of the rendered label is the right class);
+* per run, the mean cosine similarity of the label embeddings (keys and values) of two boxes of one image.
 
 Weights are averaged over the heads (``LGDTeacher.relations``). The run's own metrics (student AP, and the branch's
 AP when it ran with ``eval_teacher``) are listed beside them.
@@ -67,6 +68,15 @@ def box_shares(weights: torch.Tensor, labels: torch.Tensor, image_index: torch.T
     return {k: v[keep] for k, v in out.items()}
 
 
+def label_cosine(emb: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the label embeddings of every ordered pair of distinct real boxes of the same image."""
+    unit = torch.nn.functional.normalize(emb.float(), dim=1)
+    real = labels > 0
+    pairs = (image_index[:, None] == image_index[None, :]) & real[:, None] & real[None, :]
+    pairs &= ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return (unit @ unit.T)[pairs]
+
+
 def load_lgd_run(run_dir: Path) -> tuple[Any, Any, LGDLoss, Any]:
     """(config, distiller in eval mode, its LGD loss module, val set) of a finished ``detkd train`` run folder."""
     state_path = run_dir / "state.pt"
@@ -90,12 +100,13 @@ def run_relations(run_dir: Path, images: int | None) -> dict[str, Any]:
     adapter = distiller.student_adapter
     count = len(val_set) if images is None else min(images, len(val_set))
     per_level: dict[str, dict[str, list[torch.Tensor]]] = {}
-    boxes_per_image = []
+    boxes_per_image, cosines = [], []
     for start in range(0, count, cfg.data.batch_size):
         batch_images, targets = collate([val_set[i] for i in range(start, min(start + cfg.data.batch_size, count))])
         boxes_per_image += [len(t["boxes"]) for t in targets]
         out = adapter.run(adapter.preprocess(batch_images, targets), stage="features")
         rel = lgd.teacher.relations(out.features, out.targets, out.batch_shape)
+        cosines.append(label_cosine(rel["labels_emb"], rel["labels"], rel["image_index"]))
         for level in out.features:
             shares = box_shares(rel[f"weights/{level}"], rel["labels"], rel["image_index"])
             for name, values in shares.items():
@@ -110,6 +121,7 @@ def run_relations(run_dir: Path, images: int | None) -> dict[str, Any]:
             "images_with_2plus_boxes": sum(n >= 2 for n in boxes_per_image),
             "mean_boxes_per_image": sum(boxes_per_image) / max(len(boxes_per_image), 1),
             "num_classes": val_set.num_classes, "add_context": lgd.teacher.add_context,
+            "relation": lgd.teacher.relation, "label_embedding_cosine": float(torch.cat(cosines).mean()),
             "AP": 100 * metrics["AP"] if "AP" in metrics else None,
             "branch_AP": 100 * metrics["lgd_branch/AP"] if "lgd_branch/AP" in metrics else None,
             "levels": levels}
@@ -128,7 +140,8 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += [f"## `{Path(run['run_dir']).name}`", "",
                   f"{run['dataset']}: {run['images']} val images ({run['images_with_2plus_boxes']} with ≥ 2 boxes, "
                   f"{run['mean_boxes_per_image']:.1f} boxes per image, {run['num_classes']} classes), "
-                  f"{run['boxes_counted']} boxes counted{ap}{branch}", ""]
+                  f"{run['boxes_counted']} boxes counted{ap}{branch}; relation `{run['relation']}`; mean cosine "
+                  f"of two label embeddings of one image {run['label_embedding_cosine']:.2f}", ""]
         rows = [[level, *(f"{s[k]:.2f}" for k in STATS)] for level, s in run["levels"].items()]
         headers = ["level", "own", "uniform (1/n)", "argmax own", "same class", "other class", "class mass"]
         lines += [md_table(headers, rows), ""]

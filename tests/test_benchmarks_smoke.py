@@ -711,6 +711,10 @@ def test_lgd_relations_box_shares_by_hand():
     assert s["same_class"] == pytest.approx([0.2, 0.6, 0.0])
     assert s["other_class"] == pytest.approx([0.2, 0.3, 0.2])
     assert s["class_mass"] == pytest.approx([0.7, 0.7, 0.4])
+    emb = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [5.0, 5.0], [1.0, 0.0]])
+    cos = lr.label_cosine(emb, labels, image_index)  # pairs among rows 0-2 (row 3 is context, row 4 alone)
+    h = 2 ** -0.5
+    assert sorted(cos.tolist()) == pytest.approx(sorted([h, h, 0.0, 0.0, h, h]))
 
 
 def test_lgd_relations_end_to_end_on_a_saved_state(tmp_path):
@@ -743,5 +747,6 @@ def test_lgd_relations_end_to_end_on_a_saved_state(tmp_path):
     for s in run["levels"].values():
         assert 0 <= s["own"] <= s["class_mass"] <= 1 + 1e-6 and 0 <= s["argmax_own"] <= 1
         assert s["class_mass"] + s["other_class"] <= 1 + 1e-6  # the rest is the context row's
+    assert run["relation"] == "image" and -1 <= run["label_embedding_cosine"] <= 1
     md = (tmp_path / "res" / "lgd_relations_t.md").read_text()
     assert "## `run`" in md and "student AP 20.0, branch AP 10.0" in md

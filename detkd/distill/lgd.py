@@ -92,13 +92,14 @@ class LGDTeacher(nn.Module):
     ) -> dict[str, Tensor]:
         """What the relation adapter did, for diagnosis (no effect on training).
 
-        Returns ``labels`` (T,) (0: context or dummy row), ``image_index`` (T,), ``is_context`` (T,), and per level
+        Returns ``labels`` (T,) (0: context or dummy row), ``image_index`` (T,), ``is_context`` (T,), the label
+        embeddings ``labels_emb`` (T, C) (the attention's keys and values before its projections), and per level
         ``weights/<level>``: the (T, T) attention weights averaged over heads (row i: how box i's appearance query
         spreads over the label embeddings of the boxes of its image; each row sums to 1, cross-image entries are 0)
         and ``points/<level>``: (T,) grid points inside each box's mask.
         """
         rows = self._rows(features, targets, batch_shape)
-        out = {k: rows[k] for k in ("labels", "image_index", "is_context")}
+        out = {k: rows[k] for k in ("labels", "image_index", "is_context", "labels_emb")}
         for name, feat in features.items():
             masks, _, weights = self._relate(feat, rows, batch_shape, need_weights=True)
             out[f"weights/{name}"] = weights
