@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -32,8 +33,7 @@ import accuracy as acc  # noqa: E402
 from common import ROOT, md_meta, md_table, publish, set_threads  # noqa: E402
 
 from detkd.build import build_model  # noqa: E402
-from detkd.data import build_dataset  # noqa: E402
-from detkd.data.loader import collate  # noqa: E402
+from detkd.data import build_dataset, build_loader  # noqa: E402
 from detkd.losses.fgd import attention_support, fgd_attention  # noqa: E402
 from detkd.models.adapters import build_adapter  # noqa: E402
 from detkd.regions.fgd import fgd_masks_levels  # noqa: E402
@@ -62,8 +62,7 @@ def teacher_stats(cfg: Any, weights: Path, temps: list[float], images: int, batc
     adapter = build_adapter(model)
     sums: dict[str, dict[str, dict[str, float]]] = {}  # level -> temp -> stat -> sum over images
     count = min(images, len(dataset))
-    for start in range(0, count, batch_size):
-        batch_images, targets = collate([dataset[i] for i in range(start, min(start + batch_size, count))])
+    for batch_images, targets in build_loader(Subset(dataset, range(count)), batch_size, train=False):
         out = adapter.run(adapter.preprocess(batch_images, targets), stage="features")
         levels = list(out.features)
         masks = fgd_masks_levels([t["boxes"] for t in out.targets], out.image_sizes,

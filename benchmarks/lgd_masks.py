@@ -34,8 +34,7 @@ import accuracy as acc  # noqa: E402
 from common import md_meta, md_table, publish, set_threads  # noqa: E402
 
 from detkd.build import build_model  # noqa: E402
-from detkd.data import build_dataset  # noqa: E402
-from detkd.data.loader import collate  # noqa: E402
+from detkd.data import build_dataset, build_loader  # noqa: E402
 from detkd.distill.lgd_modules import label_boxes  # noqa: E402
 from detkd.models.adapters import build_adapter  # noqa: E402
 from detkd.regions.inside import inside_masks  # noqa: E402
@@ -80,8 +79,7 @@ def coverage(cfg: Any, split: str) -> dict[str, Any]:
     dataset = build_dataset(cfg.data, split, train=False)
     adapter = build_adapter(build_model(cfg.model, dataset.num_classes).eval())
     all_points, all_labels, level_hw, batch_shapes = [], [], {}, set()
-    for start in range(0, len(dataset), cfg.data.batch_size):
-        images, targets = collate([dataset[i] for i in range(start, min(start + cfg.data.batch_size, len(dataset)))])
+    for images, targets in build_loader(dataset, cfg.data.batch_size, train=False):
         out = adapter.run(adapter.preprocess(images, targets), stage="features")
         level_hw = {lv: tuple(f.shape[-2:]) for lv, f in out.features.items()}
         batch_shapes.add(out.batch_shape)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -37,12 +38,18 @@ from common import md_meta, md_table, publish, set_threads  # noqa: E402
 
 from detkd.build import build_distiller, build_model  # noqa: E402
 from detkd.config import load_config  # noqa: E402
-from detkd.data import build_dataset  # noqa: E402
-from detkd.data.loader import collate  # noqa: E402
+from detkd.data import build_dataset, build_loader  # noqa: E402
 from detkd.engine.checkpoint import load_checkpoint  # noqa: E402
 from detkd.losses.lgd import LGDLoss  # noqa: E402
+from detkd.runner import planned_steps  # noqa: E402
 
 STATS = ("own", "uniform", "argmax_own", "same_class", "other_class", "class_mass")
+
+
+def _real_pairs(labels: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    """(T, T) True where rows i and j are both real boxes (label > 0) of the same image (the diagonal included)."""
+    real = labels > 0
+    return (image_index[:, None] == image_index[None, :]) & real[:, None] & real[None, :]
 
 
 def box_shares(weights: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -50,10 +57,8 @@ def box_shares(weights: torch.Tensor, labels: torch.Tensor, image_index: torch.T
 
     ``weights`` (T, T) rows over the batch's label rows; ``labels`` (T,), 0 for context and dummy rows.
     """
-    real = labels > 0
-    same_image = image_index[:, None] == image_index[None, :]
-    real_pairs = same_image & real[:, None] & real[None, :]
-    keep = real & (real_pairs.sum(1) >= 2)
+    real_pairs = _real_pairs(labels, image_index)
+    keep = (labels > 0) & (real_pairs.sum(1) >= 2)
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     same_label = labels[:, None] == labels[None, :]
     own = weights.diagonal()
@@ -71,9 +76,7 @@ def box_shares(weights: torch.Tensor, labels: torch.Tensor, image_index: torch.T
 def label_cosine(emb: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of the label embeddings of every ordered pair of distinct real boxes of the same image."""
     unit = torch.nn.functional.normalize(emb.float(), dim=1)
-    real = labels > 0
-    pairs = (image_index[:, None] == image_index[None, :]) & real[:, None] & real[None, :]
-    pairs &= ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    pairs = _real_pairs(labels, image_index) & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     return (unit @ unit.T)[pairs]
 
 
@@ -86,7 +89,9 @@ def load_lgd_run(run_dir: Path) -> tuple[Any, Any, LGDLoss, Any]:
     cfg = load_config(run_dir / "config.yaml")
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
     student = build_model(cfg.model, val_set.num_classes)
-    distiller = build_distiller(student, None, cfg.distill, num_classes=val_set.num_classes, max_steps=None)
+    # the run's own step count: LGD's post-phase switch (post_nondistill_steps > 0) needs it to build
+    distiller = build_distiller(student, None, cfg.distill, num_classes=val_set.num_classes,
+                                max_steps=planned_steps(cfg.data, cfg.train))
     distiller.load_state_dict(load_checkpoint(state_path)["trainable"])
     lgd = [sl.module for sl in distiller.losses if isinstance(sl.module, LGDLoss)]
     if not lgd:
@@ -101,8 +106,7 @@ def run_relations(run_dir: Path, images: int | None) -> dict[str, Any]:
     count = len(val_set) if images is None else min(images, len(val_set))
     per_level: dict[str, dict[str, list[torch.Tensor]]] = {}
     boxes_per_image, cosines = [], []
-    for start in range(0, count, cfg.data.batch_size):
-        batch_images, targets = collate([val_set[i] for i in range(start, min(start + cfg.data.batch_size, count))])
+    for batch_images, targets in build_loader(Subset(val_set, range(count)), cfg.data.batch_size, train=False):
         boxes_per_image += [len(t["boxes"]) for t in targets]
         out = adapter.run(adapter.preprocess(batch_images, targets), stage="features")
         rel = lgd.teacher.relations(out.features, out.targets, out.batch_shape)
@@ -111,9 +115,10 @@ def run_relations(run_dir: Path, images: int | None) -> dict[str, Any]:
             shares = box_shares(rel[f"weights/{level}"], rel["labels"], rel["image_index"])
             for name, values in shares.items():
                 per_level.setdefault(level, {}).setdefault(name, []).append(values)
-    levels = {level: {name: float(torch.cat(v).mean()) if torch.cat(v).numel() else float("nan")
-                      for name, v in stats.items()} for level, stats in per_level.items()}
-    counted = int(torch.cat(next(iter(per_level.values()))["own"]).numel()) if per_level else 0  # same per level
+    joined = {level: {name: torch.cat(v) for name, v in stats.items()} for level, stats in per_level.items()}
+    levels = {level: {name: float(v.mean()) if v.numel() else float("nan") for name, v in stats.items()}
+              for level, stats in joined.items()}
+    counted = int(next(iter(joined.values()))["own"].numel()) if joined else 0  # the same boxes on every level
     result = run_dir / "result.json"
     metrics = json.loads(result.read_text())["metrics"] if result.is_file() else {}
     return {"run_dir": str(run_dir), "dataset": cfg.data.format if cfg.data.format == "synthetic" else cfg.data.root,
