@@ -584,9 +584,17 @@ def test_the_report_lists_lgd_label_guided_branch_against_its_student():
     assert "label-guided branch" not in md
 
 
-def test_a_variant_sets_a_flag_as_a_bool_and_leaves_other_words_alone():
+def _tiny_synth_args(acc, tmp_path):
+    """A study's arguments on a synthetic set of 16 images written under ``tmp_path`` (LGD's scaled warm-up counts
+    the training images: no test here may need ../shared/data)."""
+    return acc.parse_args(["--dataset", "synth", "--family", "fcos", "--set", f"data.root={tmp_path / 'synth'}",
+                           "--set", "data.synthetic.num_train=16", "--set", "data.synthetic.num_val=4",
+                           "--set", "data.synthetic.image_size=64"])
+
+
+def test_a_variant_sets_a_flag_as_a_bool_and_leaves_other_words_alone(tmp_path):
     acc = _load("accuracy")
-    args = acc.parse_args(["--dataset", "bccd", "--family", "fcos", "--cpu-reduced"])
+    args = _tiny_synth_args(acc, tmp_path)
 
     def lgd_params(entry: str) -> dict:
         return acc.student_config("lgd", "fcos", args, None, 0, acc.parse_variant(entry)).distill.losses[0].params
@@ -602,9 +610,9 @@ def test_a_variant_sets_a_flag_as_a_bool_and_leaves_other_words_alone():
     assert [lc.params["diou"] for lc in ld.distill.losses if lc.method == "vlr_ld"] == ["true"]
 
 
-def test_a_variant_parameter_is_not_undone_by_the_scaled_lgd_warm_up():
+def test_a_variant_parameter_is_not_undone_by_the_scaled_lgd_warm_up(tmp_path):
     acc = _load("accuracy")
-    args = acc.parse_args(["--dataset", "bccd", "--family", "fcos", "--cpu-reduced"])
+    args = _tiny_synth_args(acc, tmp_path)
     plain = acc.student_config("lgd", "fcos", args, None, 0)
     steps = acc.planned_steps(plain.data, plain.train)
     assert plain.distill.losses[0].params["freeze_backbone_steps"] == round(steps / 9) > 0
