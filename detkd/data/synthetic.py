@@ -14,7 +14,9 @@ What makes it hard for a small detector at a short schedule:
 * 0..``max_objects`` objects per image, so some images are empty.
 
 Everything is drawn from ``numpy.random.default_rng([seed, split, index])``: the same config gives byte-identical
-json and PNG files. ``ensure`` regenerates only when ``meta.json`` (config + ``FORMAT_VERSION``) differs.
+json and PNG files. ``ensure`` regenerates only when ``meta.json`` (config + ``FORMAT_VERSION``) differs, under an
+exclusive lock on ``.generate.lock`` in the folder, so that processes started together (a study split over seeds)
+generate it once and read it only when it is complete.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +35,16 @@ from PIL import Image, ImageDraw
 
 from detkd.config import SynthConfig
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (one process at a time must generate the set)
+    fcntl = None  # type: ignore[assignment]
+
 FORMAT_VERSION = 1
 MAX_HIDDEN = 0.6
 MIN_SIZE = 8
 SPLITS = ("train", "val")
+LOCK_NAME = ".generate.lock"
 
 COLOURS = {
     "red": (215, 45, 40),
@@ -206,15 +216,27 @@ def ensure(out_dir: str | Path, cfg: SynthConfig) -> Path:
     Under DDP call it on rank 0 and barrier before the other ranks read the files.
     """
     out_dir = Path(out_dir)
-    meta_file = out_dir / "meta.json"
-    try:
-        current = json.loads(meta_file.read_text())
-    except (OSError, ValueError):
-        current = None
-    complete = all((out_dir / f"annotations_{s}.json").is_file() for s in SPLITS)
-    if current == _meta(cfg) and complete:
-        return out_dir
-    return generate(out_dir, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir / LOCK_NAME):  # another process may be writing it: wait, then find it complete
+        meta_file = out_dir / "meta.json"
+        try:
+            current = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            current = None
+        complete = all((out_dir / f"annotations_{s}.json").is_file() for s in SPLITS)
+        if current == _meta(cfg) and complete:
+            return out_dir
+        return generate(out_dir, cfg)
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block; released when the file closes,
+    also when the process dies."""
+    with path.open("a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _validate(cfg: SynthConfig) -> None:

@@ -87,3 +87,27 @@ def test_generate_rejects_bad_config_naming_the_key(tmp_path):
         syn.generate(tmp_path, SynthConfig(num_train=1, num_val=1, image_size=8))
     with pytest.raises(ValueError, match="synthetic.num_train"):
         syn.generate(tmp_path, SynthConfig(num_train=-1))
+
+
+@pytest.mark.skipif(syn.fcntl is None, reason="the lock needs fcntl (POSIX)")
+def test_ensure_waits_for_a_generation_in_progress_and_does_not_redo_it(tmp_path, monkeypatch):
+    """Processes started together (a study split over seeds) share the folder: while one holds the lock (is
+    generating), another's ``ensure`` waits, then finds the set complete instead of deleting and rewriting it."""
+    import fcntl
+    import threading
+
+    tiny = SynthConfig(num_train=3, num_val=2, image_size=64, seed=1)
+    calls = []
+    real_generate = syn.generate
+    monkeypatch.setattr(syn, "generate", lambda *a: calls.append(a) or real_generate(*a))
+    with (tmp_path / syn.LOCK_NAME).open("a") as holder:  # "the other process", mid-generation
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=syn.ensure, args=(tmp_path, tiny))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not (tmp_path / "meta.json").exists()  # blocked on the lock
+        real_generate(tmp_path, tiny)  # the holder finishes its set
+        fcntl.flock(holder, fcntl.LOCK_UN)
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert calls == []  # found complete after the wait: not regenerated
