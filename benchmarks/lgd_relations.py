@@ -160,7 +160,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix of the result file names (lgd_relations<tag>)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.images is not None and args.images < 1:
+        p.error(f"--images must be at least 1, got {args.images}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -738,6 +738,8 @@ def test_lgd_relations_end_to_end_on_a_saved_state(tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit, match="no state.pt"):
         lr.main([str(run_dir), "--out-dir", str(tmp_path / "res")])
+    with pytest.raises(SystemExit):  # no images: an argument error, not a failure after loading the run
+        lr.parse_args([str(run_dir), "--images", "0"])
     val = build_dataset(cfg.data, cfg.data.val_split, train=False)
     torch.manual_seed(0)
     distiller = build_distiller(build_model(cfg.model, val.num_classes), None, cfg.distill,
