@@ -51,6 +51,7 @@ class LoadReport:
     dropped_degenerate: int = 0
     clipped: int = 0
     ignored_crowd: int = 0
+    missing_label_files: int = 0  # YOLO images without a label file (read as images without boxes)
     skipped_images: list[str] = field(default_factory=list)  # "name (reason)"
     dropped_examples: list[str] = field(default_factory=list)  # where the first degenerate boxes were
 
@@ -62,6 +63,8 @@ class LoadReport:
             text += f", dropped {self.dropped_degenerate} degenerate boxes ({', '.join(self.dropped_examples)})"
         if self.ignored_crowd:
             text += f", ignored {self.ignored_crowd} crowd annotations"
+        if self.missing_label_files:
+            text += f", {self.missing_label_files} images without a label file"
         if self.skipped_images:
             text += f", skipped {len(self.skipped_images)} bad images"
         return text
@@ -249,6 +252,23 @@ class DetectionDataset(Dataset):
                 f"{rec.file}: decoded size {w}x{h} differs from the annotated {rec.width}x{rec.height} "
                 "(EXIF-rotated image or stale annotation?)"
             )
+
+
+def read_text(path: Path) -> str:
+    """The text of ``path`` as UTF-8 (a leading byte-order mark is dropped), with a DatasetError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text: {e}") from e
+
+
+def check_unique_names(names: list[str], source: str) -> None:
+    """DatasetError naming ``source`` when a class name is listed twice (per-class results are keyed by name)."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            raise DatasetError(f"{source}: class name {name!r} listed twice (classes {first[name]} and {i})")
+        first[name] = i
 
 
 def is_finite_number(value: Any) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 from rich.table import Table
 
 from detkd.data.coco import CocoDetection, guess_image_root, load_coco_json
@@ -105,6 +106,7 @@ def dataset_stats(dataset: DetectionDataset) -> dict[str, Any]:
         "dropped_degenerate": report.dropped_degenerate,
         "clipped": report.clipped,
         "ignored_crowd": report.ignored_crowd,
+        "missing_label_files": report.missing_label_files,
         "skipped_images": list(report.skipped_images),
     }
 
@@ -116,9 +118,11 @@ def format_stats_table(stats: dict[str, Any], title: str | None = None) -> Table
     table.add_column("value", justify="right")
     table.add_row("images", str(stats["images"]))
     table.add_row("images without boxes", str(stats["images_without_boxes"]))
+    if stats.get("missing_label_files"):
+        table.add_row("  without a label file", str(stats["missing_label_files"]))
     table.add_row("boxes", str(stats["boxes"]))
     for name, count in stats["boxes_per_class"].items():
-        table.add_row(f"  {name}", str(count))
+        table.add_row(f"  {escape(name)}", str(count))  # dataset text: "[bg]" is not rich markup
     for bucket, count in stats["box_size_histogram"].items():
         table.add_row(f"  {bucket}", str(count))
     table.add_row("median box area", f"{stats['median_box_area']:.0f}")

@@ -1,5 +1,7 @@
 """Pascal VOC xml reader: ``Annotations/<id>.xml``, ``JPEGImages/<id>.*``, ``ImageSets/Main/<split>.txt``.
 
+The image of ``<id>.xml`` is ``JPEGImages/<id>.*``; the xml's ``<filename>`` is only used when no such file exists.
+
 Box convention: VOC pixel coordinates are 1-based and inclusive (``xmin = 1`` is the first pixel column, a box with
 ``xmin == xmax`` covers one column). In continuous 0-based coordinates that box is ``[xmin - 1, ymin - 1, xmax, ymax]``
 -- the usual ``x = xmin - 1`` conversion, which is also what ``bccd/coco`` used, so reading a split through VOC and
@@ -11,6 +13,8 @@ Class order (label ``i + 1`` is ``class_names[i]``), first match wins:
 2. a ``classes.txt`` or ``labels.txt`` file (one name per line) in ``root``;
 3. sorted unique names over *all* xml files in ``Annotations/`` -- never per split, so that train and test agree
    even when a split lacks a class.
+
+A name listed twice (in ``class_names`` or the names file) is a DatasetError.
 
 Neither sorted nor first-appearance order reproduces BCCD's COCO conversion (RBC, WBC, Platelets); pass the list
 explicitly for it, as ``BCCD_CLASSES`` below does. ``difficult`` objects are kept (torchvision-style training).
@@ -29,8 +33,10 @@ from detkd.data.common import (
     ImageRecord,
     LoadReport,
     Transform,
+    check_unique_names,
     clean_boxes,
     read_image_size,
+    read_text,
 )
 
 #: Class order of the shared BCCD COCO conversion (``bccd/coco/annotations_*.json`` category ids 1, 2, 3).
@@ -56,14 +62,16 @@ def voc_class_names(root: str | Path) -> list[str]:
     root = Path(root)
     for name in _NAME_FILES:
         if (root / name).is_file():
-            return [line.strip() for line in (root / name).read_text().splitlines() if line.strip()]
-    names: set[str] = set()
+            names = [line.strip() for line in read_text(root / name).splitlines() if line.strip()]
+            check_unique_names(names, str(root / name))
+            return names
+    found: set[str] = set()
     for xml_file in sorted((root / "Annotations").glob("*.xml")):
-        names.update(_object_names(_parse_xml(xml_file)))
-    names.discard("")
-    if not names:
+        found.update(_object_names(_parse_xml(xml_file)))
+    found.discard("")
+    if not found:
         raise DatasetError(f"{root / 'Annotations'}: no object names found")
-    return sorted(names)
+    return sorted(found)
 
 
 class VocDetection(DetectionDataset):
@@ -81,11 +89,15 @@ class VocDetection(DetectionDataset):
     ):
         self.root = Path(root)
         self.split = split
-        names = list(class_names) if class_names is not None else voc_class_names(self.root)
+        if class_names is not None:
+            names = list(class_names)
+            check_unique_names(names, "class_names")
+        else:
+            names = voc_class_names(self.root)
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             raise DatasetError(f"VOC split file not found: {split_file}")
-        ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        ids = [line.split()[0] for line in read_text(split_file).splitlines() if line.strip()]
         report = LoadReport()
         label_of = {n: i + 1 for i, n in enumerate(names)}
         records = [self._record(image_id, i + 1, label_of, report, degenerate_side) for i, image_id in enumerate(ids)]
@@ -145,11 +157,11 @@ class VocDetection(DetectionDataset):
         return read_image_size(image_file)
 
     def _image_file(self, ann: ET.Element, stem: str) -> Path:
+        # The image of <id>.xml is JPEGImages/<id>.*; <filename> is only a fallback (exporters often leave a stale
+        # one, copied from another image, which would pair these boxes with the wrong picture).
         folder = self.root / "JPEGImages"
-        name = (ann.findtext("filename") or "").strip()
-        if name and (folder / name).is_file():
-            return folder / name
         for suffix in _IMAGE_SUFFIXES:
             if (folder / f"{stem}{suffix}").is_file():
                 return folder / f"{stem}{suffix}"
-        return folder / (name or f"{stem}.jpg")  # missing: reported by the file check with this name
+        name = (ann.findtext("filename") or "").strip()
+        return folder / (name or f"{stem}.jpg")  # when missing too, the file check reports this name

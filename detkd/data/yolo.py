@@ -2,13 +2,18 @@
 
 A label file ``labels/<stem>.txt`` holds one object per line, ``class cx cy w h`` normalised to [0, 1] (class is
 0-based; label = class + 1). Polygon lines (``class x1 y1 x2 y2 ...``, the segmentation export) are read as their
-bounding box. A missing or empty label file is an image without boxes. Image sizes are read from the file headers at
-construction (no decode). File names may contain spaces (paths are never split on whitespace).
+bounding box. A missing or empty label file is an image without boxes (missing ones are counted in
+``report.missing_label_files``), but a missing ``labels/`` folder is a DatasetError: a misnamed folder would otherwise
+turn every image into a negative. Image sizes are read from the file headers at construction (no decode). File names
+may contain spaces (paths are never split on whitespace).
+
+``names`` is a list or an ultralytics-style mapping ``{0: name, 1: name}`` whose keys (ints or digit strings) must
+be exactly ``0..n-1``; a name listed twice is a DatasetError.
 
 Split folders: the ``data.yaml`` key for the split (``val`` also tries ``valid``), resolved against the yaml's
 ``path`` key or the dataset root; Roboflow exports write ``../train/images`` relative to a parent folder, so a path
 that does not exist is retried with its leading ``../`` removed. Without a key, ``<root>/<split>/images`` is used
-(``valid`` for ``val``).
+(``valid`` for ``val``). A split key or ``path`` that is not one folder path (a list, a number) is a DatasetError.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from detkd.data.common import (
     ImageRecord,
     LoadReport,
     Transform,
+    check_unique_names,
     clean_boxes,
     read_image_size,
+    read_text,
 )
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -40,7 +47,7 @@ def read_data_yaml(root: Path) -> dict[str, Any]:
         path = root / name
         if path.is_file():
             try:
-                data = yaml.safe_load(path.read_text()) or {}
+                data = yaml.safe_load(read_text(path)) or {}
             except yaml.YAMLError as e:
                 raise DatasetError(f"{path}: not valid YAML: {e}") from e
             if not isinstance(data, dict) or "names" not in data:
@@ -52,16 +59,32 @@ def read_data_yaml(root: Path) -> dict[str, Any]:
 def yolo_class_names(data: dict[str, Any], path: Path) -> list[str]:
     names = data["names"]
     if isinstance(names, dict):  # ultralytics style {0: name, 1: name}
-        names = [names[k] for k in sorted(names)]
+        names = _names_from_mapping(names, path)
     if not isinstance(names, list) or not names:
         raise DatasetError(f"{path}: 'names' must be a non-empty list or mapping")
     if "nc" in data and data["nc"] != len(names):
         raise DatasetError(f"{path}: nc={data['nc']} but {len(names)} names")
-    return [str(n) for n in names]
+    names = [str(n) for n in names]
+    check_unique_names(names, f"{path}: names")
+    return names
+
+
+def _names_from_mapping(names: dict[Any, Any], path: Path) -> list[Any]:
+    # Keys are class indices: sorted as numbers ('10' after '2'), and with no gap (a gap would shift every label).
+    try:
+        by_index = {int(str(k)): v for k, v in names.items()}
+    except ValueError:
+        by_index = None
+    if by_index is None or sorted(by_index) != list(range(len(names))):
+        raise DatasetError(f"{path}: 'names' keys must be the class indices 0..{len(names) - 1}, got {list(names)}")
+    return [by_index[i] for i in range(len(names))]
 
 
 def resolve_split_dir(root: Path, data: dict[str, Any], split: str) -> Path:
     """The image folder of ``split``; see the module docstring for the search order."""
+    for key in ("path", *_SPLIT_ALIASES.get(split, (split,))):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise DatasetError(f"{root / 'data.yaml'}: {key}: expected one folder path, got {data[key]!r}")
     base = root / data["path"] if isinstance(data.get("path"), str) else root
     for key in _SPLIT_ALIASES.get(split, (split,)):
         value = data.get(key)
@@ -93,7 +116,7 @@ def parse_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarr
     boxes, labels, where = [], [], []
     if not path.is_file():
         return np.zeros((0, 4)), np.zeros((0,), dtype=np.int64), []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         tokens = line.split()
         if not tokens:
             continue
@@ -136,6 +159,8 @@ class YoloDetection(DetectionDataset):
         names = yolo_class_names(data, self.root / "data.yaml")
         self.images_dir = resolve_split_dir(self.root, data, split)
         self.labels_dir = _labels_dir(self.images_dir)
+        if not self.labels_dir.is_dir():
+            raise DatasetError(f"{self.images_dir}: labels folder {self.labels_dir} not found")
         files = sorted(p for p in self.images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DatasetError(f"{self.images_dir}: no images")
@@ -161,7 +186,10 @@ class YoloDetection(DetectionDataset):
         self, file: Path, size: tuple[int, int], image_id: int, num_classes: int, report: LoadReport, side: float
     ) -> ImageRecord:
         width, height = size
-        boxes, labels, where = parse_label_file(self.labels_dir / f"{file.stem}.txt", num_classes)
+        label_file = self.labels_dir / f"{file.stem}.txt"
+        if not label_file.is_file():
+            report.missing_label_files += 1
+        boxes, labels, where = parse_label_file(label_file, num_classes)
         boxes = boxes * np.array([width, height, width, height], dtype=np.float64)
         kept_boxes, kept_labels = clean_boxes(boxes, labels, width, height, report, where, side)
         return ImageRecord(file, width, height, image_id, kept_boxes, kept_labels)

@@ -135,6 +135,7 @@ def test_yolo_split_resolution(tmp_path, files):
     # data.yaml says "../valid/images" for val (Roboflow style) and has no test key: both resolve under root
     root = files.yolo(tmp_path / "y", ["a"], {"v.png": (8, 8, "0 0.5 0.5 0.5 0.5\n")}, folder="valid")
     files.image(root / "test" / "images" / "t.png", 8, 8)
+    (root / "test" / "labels").mkdir()  # no label file for t.png (a negative), but the folder must exist
     assert len(YoloDetection(root, "val")) == 1 and len(YoloDetection(root, "test")) == 1
     with pytest.raises(DatasetError, match="train"):
         YoloDetection(root, "train")
