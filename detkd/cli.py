@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from detkd.config import ConfigError, SynthConfig, load_config
 
@@ -16,17 +18,24 @@ from detkd.config import ConfigError, SynthConfig, load_config
 DEMO_METHODS = ("cwd", "fgd", "hint", "ld", "lgd")
 
 console = Console()
+#: files of a run folder that mean a run was already trained there
+RUN_FILES = ("state.pt", "last.pt", "result.json")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from detkd.runner import train_from_config
 
     cfg = load_config(args.config, args.set)
+    earlier = [f for f in RUN_FILES if (cfg.run_dir / f).exists()]
+    if earlier and not (args.resume or args.overwrite):
+        raise ConfigError(f"{cfg.run_dir} already holds a run ({', '.join(earlier)}): continue it with --resume, "
+                          "replace it with --overwrite, or train into another folder (--set name=...)")
     result = train_from_config(cfg, resume=args.resume)
     _print_metrics(f"{cfg.name}: {result.steps} steps in {result.wall_time:.0f}s", result.metrics)
     console.print(f"run folder: {result.run_dir}  (student weights: {result.run_dir / 'last.pt'})")
     if result.stopped:
-        console.print(f"stopped early at step {result.steps}: continue with `detkd train {args.config} --resume`")
+        again = ["detkd", "train", args.config, *(f"--set={s}" for s in args.set), "--resume"]
+        console.print(f"stopped early at step {result.steps}: continue with `{escape(shlex.join(again))}`")
         return 130
     return 0
 
@@ -116,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (a list entry by index: distill.losses.0.weight=2)")
     t.add_argument("--resume", action="store_true", help="resume from the run folder's state.pt")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in the run folder")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a student checkpoint (COCO metrics)")
@@ -173,9 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        console.print(f"[bold red]error:[/] {e}")
+    except Exception as e:
+        if not _user_error(e):
+            raise
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         return 2
+
+
+def _user_error(e: Exception) -> bool:
+    """Errors that name the file, record or key at fault: one line, no traceback. OSError: a path that is a file, a
+    missing folder; WiringError: a loss that is not finite (or not wired) at the first step; FloatingPointError: too
+    many non-finite steps in a row. (Imported here: the parser does not load torch.)"""
+    from detkd.distill.distiller import WiringError
+
+    return isinstance(e, (ConfigError, ValueError, OSError, WiringError, FloatingPointError))
 
 
 if __name__ == "__main__":

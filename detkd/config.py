@@ -269,15 +269,34 @@ def _dataclass_of(tp: Any) -> Any:
     return None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last one, so a second
+    ``train:`` block would silently drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                first = seen[key].line + 1
+                raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                        f"found the key {key!r} a second time (first on line {first})",
+                                                        key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        raise ConfigError(f"{path}: empty recipe (a recipe must set at least the data and model it trains)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     try:
@@ -286,6 +305,45 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: {e}") from e
     for ov in overrides or []:
         cfg = apply_override(cfg, ov)
+    try:
+        return check_ranges(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def check_ranges(cfg: Config) -> Config:
+    """Values that have the right type but no meaning (no steps, a probability above 1, an empty loss window):
+    ConfigError naming the key. ``load_config`` applies it to the final config (after the overrides)."""
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    t, d = cfg.train, cfg.data
+    if t.max_steps is None:
+        need(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
+    else:
+        need(t.max_steps >= 1, f"train.max_steps must be at least 1 (or null: train.epochs), got {t.max_steps}")
+    need(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    need(t.accumulate >= 1, f"train.accumulate must be at least 1, got {t.accumulate}")
+    need(t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be positive (or null), got {t.grad_clip}")
+    need(d.batch_size >= 1, f"data.batch_size must be at least 1, got {d.batch_size}")
+    need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(0.0 <= d.hflip <= 1.0, f"data.hflip is a probability (0 to 1), got {d.hflip}")
+    need(cfg.eval.batch_size >= 1, f"eval.batch_size must be at least 1, got {cfg.eval.batch_size}")
+    for i, lc in enumerate(cfg.distill.losses if cfg.distill is not None else []):
+        key = f"distill.losses[{i}] ({lc.method})"
+        need(lc.start_step >= 0, f"{key}: start_step must be >= 0, got {lc.start_step}")
+        need(lc.stop_step is None or lc.stop_step > lc.start_step,
+             f"{key}: stop_step ({lc.stop_step}) must be after start_step ({lc.start_step}): the loss would never run")
+        need(t.max_steps is None or lc.start_step < t.max_steps,
+             f"{key}: start_step ({lc.start_step}) is not before train.max_steps ({t.max_steps}): the loss would "
+             "never run")
+    if problems:
+        raise ConfigError("; ".join(problems))
     return cfg
 
 

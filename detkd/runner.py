@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,12 @@ from detkd.data.loader import build_loader
 from detkd.distill.lgd_eval import evaluate_label_guided, label_guided_modules
 from detkd.distill.teacher import FrozenTeacher
 from detkd.engine.checkpoint import seed_everything
-from detkd.engine.distributed import barrier, init_distributed, is_main
+from detkd.engine.distributed import barrier, init_distributed, is_main, resolve_device
 from detkd.engine.loop import fit
 from detkd.engine.optim import total_steps
 from detkd.engine.task import TaskModel
 from detkd.eval import evaluate
+from detkd.models.weights import load_checked, read_state_dict
 
 
 @dataclass
@@ -44,20 +46,15 @@ def planned_steps(data: DataConfig, train: TrainConfig) -> int:
     return total_steps(train, math.ceil(n / data.batch_size))
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_student_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """A student checkpoint (``last.pt``/``best.pt``, or a dict with ``model``) into ``model``, strictly: a checkpoint
+    of another detector (family, widths, classes) is a one-line error naming the file and the first key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    model.load_state_dict(state, strict=True)
+    load_checked(model, read_state_dict(path), source=f"checkpoint {str(path)!r}")
 
 
 def train_from_config(cfg: Config, *, resume: bool | str = False) -> RunResult:
@@ -65,6 +62,7 @@ def train_from_config(cfg: Config, *, resume: bool | str = False) -> RunResult:
 
     ``cfg.seed`` fixes the student's initial weights as well as the data order: the global RNG is seeded right
     before the model is built (the process's RNG state at start differs from run to run)."""
+    resolve_device(cfg.train.device)  # a device this machine lacks fails now, not after data and models are built
     num_classes = _num_classes(cfg)
     seed_everything(cfg.seed)
     student = build_model(cfg.model, num_classes)
@@ -102,7 +100,7 @@ def train_models(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module
         if teacher is not None:
             raise ConfigError("a teacher is configured but no distill section: add distill.losses or drop the teacher")
         trainable = TaskModel(student)
-    device = dist.device if dist.world_size > 1 else _device(cfg.train.device)
+    device = dist.device if dist.world_size > 1 else resolve_device(cfg.train.device)
 
     def _evaluate(model: torch.nn.Module) -> dict[str, float]:
         return evaluate(model, val_set, batch_size=cfg.eval.batch_size, device=device,
@@ -128,9 +126,9 @@ def train_models(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module
 
 def eval_from_config(cfg: Config, checkpoint: str | Path, *, split: str | None = None) -> dict[str, float]:
     """Evaluate a plain student checkpoint (``last.pt``/``best.pt``) with the config's model and data."""
+    device = resolve_device(cfg.train.device)
     val_set = build_dataset(cfg.data, split or cfg.data.val_split, train=False)
     model = build_model(cfg.model, val_set.num_classes)
     load_student_weights(model, checkpoint)
-    device = _device(cfg.train.device)
     return evaluate(model, val_set, batch_size=cfg.eval.batch_size, device=device,
-                    max_detections=cfg.eval.max_detections)
+                    max_detections=cfg.eval.max_detections, progress=cfg.train.progress and sys.stdout.isatty())

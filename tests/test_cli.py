@@ -12,6 +12,11 @@ import yaml
 from detkd.cli import main
 
 
+def _flat(text: str) -> str:
+    """``text`` without whitespace: rich wraps long lines wherever the terminal width puts the break."""
+    return "".join(text.split())
+
+
 def _recipe(tmp_path: Path, **extra) -> Path:
     cfg = {
         "name": "tiny",
@@ -114,8 +119,9 @@ def test_a_run_stopped_by_a_signal_is_not_taken_for_a_finished_one(tmp_path, mon
 
     monkeypatch.setattr(runner, "fit", stopped_fit)
     recipe = _recipe(tmp_path)
-    assert main(["train", str(recipe)]) == 130
-    assert "--resume" in capsys.readouterr().out
+    assert main(["train", str(recipe), "--set", "train.lr=0.002"]) == 130
+    out = capsys.readouterr().out
+    assert _flat(f"detkd train {recipe} --set=train.lr=0.002 --resume") in _flat(out)  # the overrides kept
     result_file = tmp_path / "runs" / "tiny" / "result.json"
     assert json.loads(result_file.read_text())["stopped"] is True
 
@@ -152,3 +158,63 @@ def test_demo_teacher_cache_is_keyed_by_config_and_cache_version(tmp_path, monke
     assert name != demo._configs(demo.FULL, "cwd", tmp_path)[0].name
     monkeypatch.setattr(demo, "TEACHER_CACHE_VERSION", demo.TEACHER_CACHE_VERSION + 1)
     assert name != demo._configs(demo.QUICK, "cwd", tmp_path)[0].name
+
+
+def test_a_run_folder_is_not_overwritten_or_resumed_with_another_recipe(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    run = tmp_path / "runs" / "tiny"
+    assert main(["train", str(recipe), "--set", "train.max_steps=2"]) == 0
+    first = (run / "result.json").read_text()
+    capsys.readouterr()
+    # again without --resume / --overwrite: refused, nothing touched
+    assert main(["train", str(recipe), "--set", "train.max_steps=2"]) == 2
+    assert "alreadyholdsarun" in _flat(capsys.readouterr().out) and (run / "result.json").read_text() == first
+    # resuming a finished run: refused (it used to write an empty result.json over the metrics)
+    assert main(["train", str(recipe), "--set", "train.max_steps=2", "--resume"]) == 2
+    assert "alreadyfinished(2of2steps)" in _flat(capsys.readouterr().out)
+    assert (run / "result.json").read_text() == first
+    # resuming with another recipe: refused, naming what changed (the old schedule would go on silently)
+    assert main(["train", str(recipe), "--set", "train.max_steps=4", "--set", "train.lr=0.1", "--resume"]) == 2
+    out = _flat(capsys.readouterr().out)
+    assert all(_flat(m) in out for m in ("config differs", "train.lr: 0.001 -> 0.1", "train.max_steps: 2 -> 4"))
+    # --overwrite: a new run whose logs do not mix with the old one's
+    assert main(["train", str(recipe), "--set", "train.max_steps=3", "--overwrite"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 3 and len(list((run / "tb").glob("events.*"))) == 1
+
+
+def test_checkpoints_of_another_model_or_corrupt_files_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    other = _recipe(tmp_path / "o")
+    recipe = _recipe(tmp_path)
+    assert main(["train", str(other), "--set", "train.max_steps=1", "--set", "model.fpn_channels=32"]) == 0
+    wide = tmp_path / "o" / "runs" / "tiny" / "last.pt"
+    capsys.readouterr()
+    assert main(["eval", str(recipe), "--checkpoint", str(wide)]) == 2
+    out = _flat(capsys.readouterr().out)
+    assert "hasshape" in out and "last.pt" in out and "Traceback" not in out
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(wide.read_bytes()[:5000])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for bad in (truncated, empty):
+        assert main(["eval", str(recipe), "--checkpoint", str(bad)]) == 2
+        assert _flat(f"{bad}: not a readable PyTorch checkpoint") in _flat(capsys.readouterr().out)
+    state = tmp_path / "o" / "runs" / "tiny" / "state.pt"  # a resume state is not a student checkpoint
+    assert main(["eval", str(recipe), "--checkpoint", str(state)]) == 2
+    assert "expectedastate_dict" in _flat(capsys.readouterr().out)
+
+
+def test_a_device_this_machine_lacks_and_paths_that_are_files_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    recipe = _recipe(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", str(recipe), "--set", "train.device=cuda"]) == 2
+    assert "seesnoCUDAGPU" in _flat(capsys.readouterr().out)
+    assert main(["train", str(recipe), "--set", "train.device=gpu"]) == 2
+    assert "'gpu'isnotadevice" in _flat(capsys.readouterr().out)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["data", "synth", str(afile), "--num-train", "1", "--num-val", "1", "--image-size", "64"]) == 2
+    out = _flat(capsys.readouterr().out)
+    assert "afile" in out and "Traceback" not in out
+    assert not (tmp_path / "runs").exists()  # nothing was trained

@@ -98,3 +98,41 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_key_given_twice_and_an_empty_recipe_are_errors(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("train: {epochs: 2, lr: 0.1}\nmodel: {family: fcos}\ntrain: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"(?s)dup\.yaml.*'train' a second time \(first on line 1\)"):
+        load_config(p)
+    p.write_text("train:\n  lr: 0.1\n  lr: 0.2\n")  # nested too
+    with pytest.raises(ConfigError, match="'lr' a second time"):
+        load_config(p)
+    p.write_text("")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: empty recipe"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", r"train\.epochs must be at least 1, got 0"),
+    ("train.max_steps=0", r"train\.max_steps must be at least 1"),
+    ("train.lr=-0.1", r"train\.lr must be positive"),
+    ("data.batch_size=0", r"data\.batch_size must be at least 1"),
+    ("data.hflip=2.0", r"data\.hflip is a probability"),
+    ("eval.batch_size=0", r"eval\.batch_size must be at least 1"),
+    ("distill.losses.0.stop_step=0", r"distill\.losses\[0\] \(cwd\): stop_step \(0\) must be after start_step"),
+])
+def test_values_without_meaning_are_errors_naming_the_key(tmp_path, override, message):
+    p = _write(tmp_path, {"train": {"epochs": 2}, "distill": {"losses": [{"method": "cwd"}]}})
+    assert load_config(p).train.epochs == 2
+    with pytest.raises(ConfigError, match=message):
+        load_config(p, [override])
+
+
+def test_max_steps_replaces_epochs_only_when_set(tmp_path):
+    from detkd.engine.optim import total_steps
+
+    cfg = load_config(_write(tmp_path, {"train": {"epochs": 0, "max_steps": 7}}))  # epochs unused: no error
+    assert total_steps(cfg.train, 10) == 7
+    cfg = load_config(_write(tmp_path, {"train": {"epochs": 3}}))
+    assert total_steps(cfg.train, 10) == 30

@@ -10,6 +10,7 @@ Every load uses ``torch.load(..., weights_only=True)``: a checkpoint cannot run 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import signal
 import tempfile
@@ -47,11 +48,16 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``; a clear error naming the file when it is missing."""
+    """``torch.load`` with ``weights_only=True``; a clear error naming the file when it is missing, or when it is not
+    a checkpoint that loads (truncated by a full disk or an interrupted copy, another format, an empty file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def save_student(student: nn.Module, path: str | Path) -> None:

@@ -31,7 +31,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     :func:`init_distributed` sets to this process's LOCAL_RANK under torchrun."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"train.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but torch sees no CUDA GPU here (use train.device=auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"train.device={name} but torch sees {torch.cuda.device_count()} GPU(s)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device

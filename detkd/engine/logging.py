@@ -96,6 +96,10 @@ class RunLogger:
         self.jsonl_path = run_dir / "metrics.jsonl"
         if resume_step is not None:
             self._truncate(resume_step)
+        else:  # a new run in this folder: the logs of an earlier one must not mix with its own
+            self.jsonl_path.unlink(missing_ok=True)
+            for old in (run_dir / "tb").glob("events.out.tfevents.*"):
+                old.unlink()
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)

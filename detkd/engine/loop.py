@@ -152,7 +152,13 @@ def _setup(trainable, loader, cfg, run_dir, resume, seed, config, find_unused) -
     run = _Run(trainable, model, loader, cfg, run_dir, device, optimizer, build_scheduler(optimizer, cfg, total),
                build_grad_scaler(dtype, device), dtype, total)
     if resume:
-        _load_state(run, run_dir / "state.pt" if resume is True else Path(resume))
+        state_path = run_dir / "state.pt" if resume is True else Path(resume)
+        if config is not None:
+            _check_same_config(config, state_path.parent / "config.yaml")
+        _load_state(run, state_path)
+        if run.p.step >= total:
+            raise ValueError(f"{state_path}: this run already finished ({run.p.step} of {total} steps); its metrics "
+                             "are in result.json. Evaluate its last.pt, or start a new run (another name)")
     else:
         ck.seed_everything(seed + D.get_rank())  # ranks see different augmentations
     if D.is_main() and config is not None:
@@ -164,11 +170,43 @@ def _setup(trainable, loader, cfg, run_dir, resume, seed, config, find_unused) -
     return run
 
 
+#: settings a resumed run may change: how it reports and where it runs, not what it computes
+RESUME_MAY_CHANGE = ("name", "output_dir", "train.progress", "train.log_every", "train.checkpoint_every",
+                     "train.device", "data.num_workers", "eval.batch_size")
+
+
+def _check_same_config(config: Config, saved: Path) -> None:
+    """Resuming restores the optimizer, the schedule and the step from ``state.pt``: a changed recipe (another lr,
+    schedule, length, model, loss) would go on silently with the old ones while ``config.yaml`` claimed the new.
+    ValueError listing the keys that differ (``RESUME_MAY_CHANGE`` excepted)."""
+    if not saved.is_file():
+        return  # a state saved without its config (the library's own fit calls): nothing to compare
+    from detkd.config import load_config, to_dict
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: d}
+
+    old, new = flat(to_dict(load_config(saved))), flat(to_dict(config))
+    changed = [k for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+        more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+        raise ValueError(f"cannot resume {saved.parent}: the config differs from the one it was started with "
+                         f"({saved}): {shown}{more}. Resume with the same recipe and overrides, or start a new run")
+
+
 def _load_state(run: _Run, path: Path) -> None:
     state = ck.load_checkpoint(path)
     if state.get("format") != ck.STATE_FORMAT:
         raise ValueError(f"{path}: not a detkd resume state (format {state.get('format')!r}, want {ck.STATE_FORMAT})")
-    run.trainable.load_state_dict(state["trainable"])
+    try:
+        run.trainable.load_state_dict(state["trainable"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: written by another model or distillation set-up than this config builds: "
+                         f"{str(e).splitlines()[0]}") from e
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])

@@ -20,7 +20,9 @@ from detkd.config import TrainConfig
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     """Optimizer steps of a run: ``max_steps``, else epochs x ceil(batches / accumulate) (an epoch's last step may
     have fewer micro-batches: no batch is dropped)."""
-    return cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / max(cfg.accumulate, 1))
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return cfg.epochs * math.ceil(batches_per_epoch / max(cfg.accumulate, 1))
 
 
 def default_param_groups(module: nn.Module) -> list[dict[str, Any]]:

@@ -17,7 +17,10 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-_ENUM_NAME = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")
+from detkd.engine.checkpoint import load_checkpoint
+
+#: a torchvision weights name such as "ResNet50_Weights.IMAGENET1K_V1" (not a file path)
+WEIGHTS_NAME = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")
 # keys a classification checkpoint has and a detection backbone never uses
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 
@@ -41,14 +44,14 @@ def read_state_dict(spec: str | os.PathLike) -> Mapping[str, Tensor]:
     """The state_dict named by ``spec`` (checkpoint path or torchvision weights name), loaded on the CPU."""
     path = Path(spec).expanduser()
     if not path.is_file():
-        if isinstance(spec, str) and _ENUM_NAME.match(spec):
+        if isinstance(spec, str) and WEIGHTS_NAME.match(spec):
             path = weights_file(spec)
         else:
             raise FileNotFoundError(
                 f"checkpoint {str(spec)!r} not found: not a file, nor a torchvision weights name "
                 "like 'ResNet50_Weights.IMAGENET1K_V1'"
             )
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_checkpoint(path)
     if isinstance(obj, Mapping):
         for key in ("model", "student"):
             if isinstance(obj.get(key), Mapping):
