@@ -55,26 +55,36 @@ def build_loss(
     num_classes: int,
     max_steps: int | None,
     allow_resize: bool = False,
+    key: str | None = None,
 ) -> ScheduledLoss:
+    """The loss module of one ``distill.losses`` entry; ``key`` names the entry in errors (default: the method)."""
     if lc.method not in LOSSES:
         raise ConfigError(f"unknown distillation method {lc.method!r} (known: {', '.join(sorted(LOSSES))})")
+    key = key or lc.method
     cls = LOSSES[lc.method]
+    known = cls.param_names()
+    unknown = sorted(set(lc.params) - known)
+    if unknown:  # before constructing: a misspelt name would otherwise be a TypeError from inside the module
+        raise ConfigError(f"{key}: unknown param(s) {unknown} (known: {', '.join(sorted(known))})")
     levels = lc.levels or _default_levels(cls, student, teacher)
     s_specs = student.feature_specs()
     t_specs = teacher.feature_specs() if teacher is not None else None
     if cls.teacher_stage is not None and teacher is None:
         raise ConfigError(f"distillation method {lc.method!r} needs a teacher: add a `teacher:` section")
+    if cls.teacher_stage is not None:  # levels the models lack: a PairError here, not a KeyError from the module
+        check_pair(key, "features", s_specs, t_specs, levels, allow_resize=allow_resize)
     params = dict(lc.params)
     if lc.method == "lgd":
         params.setdefault("num_classes", num_classes)
         params.setdefault("max_steps", max_steps)
-    module = cls(levels, s_specs, t_specs, **params)
+    try:
+        module = cls(levels, s_specs, t_specs, **params)
+    except ValueError as e:  # a value out of range (e.g. tau <= 0): name the config entry it came from
+        raise ConfigError(f"{key}: {e}") from e
     # the instance decides what it consumes (e.g. CWD on class logits needs the same head)
-    if module.teacher_stage is not None:
-        check_pair(lc.method, "features", s_specs, t_specs, levels, allow_resize=allow_resize)
-        if module.needs_same_head:
-            check_pair(lc.method, "same_head", s_specs, t_specs, levels,
-                       student_head=head_signature(student), teacher_head=head_signature(teacher))
+    if module.teacher_stage is not None and module.needs_same_head:
+        check_pair(key, "same_head", s_specs, t_specs, levels,
+                   student_head=head_signature(student), teacher_head=head_signature(teacher))
     return ScheduledLoss(lc.method, module, lc.weight, lc.start_step, lc.stop_step)
 
 
@@ -103,14 +113,15 @@ def build_distiller(
                               f"{why}); give the student the teacher's model.fpn_channels and model.head_convs")
     keys: dict[str, int] = {}
     losses = []
-    for lc in dc.losses:
+    for i, lc in enumerate(dc.losses):
         if lc.weight < 0:
             raise ConfigError(f"distill.losses: {lc.method!r} has a negative weight ({lc.weight})")
         if lc.weight == 0:  # an off switch (e.g. `--set` or a sweep): not built, so the step-1 check skips it
             log.info("distillation method %r has weight 0: left out", lc.method)
             continue
         sl = build_loss(
-            lc, s_adapter, t_adapter, num_classes=num_classes, max_steps=max_steps, allow_resize=dc.allow_resize
+            lc, s_adapter, t_adapter, num_classes=num_classes, max_steps=max_steps, allow_resize=dc.allow_resize,
+            key=f"distill.losses[{i}] ({lc.method})",
         )
         keys[lc.method] = keys.get(lc.method, 0) + 1
         if keys[lc.method] > 1:  # the same method twice (e.g. on different levels) logs under distinct keys

@@ -17,6 +17,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from detkd.config import ConfigError
 from detkd.distill.inherit import InheritReport
 from detkd.distill.teacher import STAGE_ORDER, FrozenTeacher
 from detkd.losses.base import DistillLoss
@@ -67,6 +68,7 @@ class Distiller(nn.Module):
         self.losses = nn.ModuleList(losses)
         self._teacher = [teacher] if teacher is not None else []  # a list keeps it out of state_dict / DDP
         self.task_weights = dict(task_weights or {})
+        self._task_weights_checked = False  # the task-loss names are known at the first step only
         self.check_first_step = check_first_step
         self.inherit_report = inherit_report  # what distill.inherit copied from the teacher (the runner prints it)
         self.step = 0
@@ -128,6 +130,9 @@ class Distiller(nn.Module):
     def combine(self, s_out: DetOutputs, t_out: DetOutputs | None, active: list[ScheduledLoss]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         total = s_out.features[next(iter(s_out.features))].new_zeros(())
+        if not self._task_weights_checked:
+            self._check_task_weights(list(s_out.losses))
+            self._task_weights_checked = True
         for name, value in s_out.losses.items():
             w = self.task_weights.get(name, 1.0)
             out[f"task/{name}"] = value.detach()
@@ -140,6 +145,15 @@ class Distiller(nn.Module):
                 total = total + weighted
         out["loss"] = total
         return out
+
+    def _check_task_weights(self, names: list[str]) -> None:
+        """A task_weights key that is no task loss of the student (a typo, another family's name) would be ignored."""
+        unknown = sorted(set(self.task_weights) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"distill.task_weights: {unknown} are not task losses of the student "
+                f"({self.student_adapter.family}); its task losses are {sorted(names)}"
+            )
 
     # ------------------------------------------------------------------------------------------ safety rail
     def step_check(self, losses: dict[str, Tensor]) -> None:

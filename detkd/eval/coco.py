@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -167,11 +168,15 @@ def predict(
     progress: bool = False,
     with_targets: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run ``model`` over ``dataset``; return (gts, preds) in original image coordinates, paired by index.
+    """Run ``model`` over ``dataset``; return (gts, preds) in original image coordinates.
+
+    A prediction is paired with the ground truth of item ``i`` only when the sample is that image (its target's
+    ``image_id``). A dataset with ``skip_bad_images`` serves another image in place of one it cannot decode: that item
+    is left out (with a warning giving the count), so no image is scored twice or against another's ground truth.
 
     ``with_targets``: call ``model(images, targets)`` (a detector whose input includes the labels, such as LGD's
     label-guided branch) instead of ``model(images)``."""
-    gts, preds = [], []
+    gts, preds, left_out = [], [], []
     starts = range(0, len(dataset), batch_size)
     bar = _progress(progress, len(starts))
     for start in starts:
@@ -187,12 +192,22 @@ def predict(
             gt = _ground_truth(dataset, i, sample)
             keep = out["scores"].argsort(descending=True)[:max_detections]
             image_id = _as_int(gt["image_id"], f"image_id of dataset item {i}")
+            served = _as_int(sample[1].get("image_id", image_id), f"target image_id of dataset item {i}")
+            if served != image_id:
+                if not getattr(dataset, "skip_bad_images", False):
+                    raise ValueError(f"dataset item {i} ({gt.get('file', 'no file')}): the sample is image {served} "
+                                     f"but its annotation is image {image_id}: predictions cannot be paired with it")
+                left_out.append(str(gt.get("file", image_id)))  # it could not be decoded; ``served`` stands in
+                continue
             gts.append({**gt, "image_id": image_id})
             preds.append({"image_id": image_id, **{k: out[k][keep].cpu() for k in ("boxes", "scores", "labels")}})
         if bar is not None:
             bar.advance(bar.task_ids[0])
     if bar is not None:
         bar.stop()
+    if left_out:
+        warnings.warn(f"evaluation: {len(left_out)} image(s) could not be decoded and are left out of the metrics "
+                      f"(skip_bad_images): {', '.join(left_out)}", UserWarning, stacklevel=2)
     return gts, preds
 
 
@@ -221,7 +236,8 @@ def evaluate(
     """COCO metrics of ``model`` on ``dataset`` (see :func:`coco_metrics`).
 
     The model runs in eval mode (its previous mode is restored afterwards). Ground truth comes from
-    ``dataset.get_annotation(i)`` when the dataset has it (no image decoding), else from ``dataset[i][1]``.
+    ``dataset.get_annotation(i)`` when the dataset has it (no image decoding), else from ``dataset[i][1]``; images
+    a ``skip_bad_images`` dataset cannot decode are left out (see :func:`predict`).
     ``num_classes`` defaults to ``dataset.num_classes``.
     """
     num_classes = num_classes if num_classes is not None else getattr(dataset, "num_classes", None)

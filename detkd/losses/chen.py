@@ -77,7 +77,7 @@ class _ChenBase(DistillLoss):
     needs_same_head = True
 
     def _bind(self, T: float, bg_weight: float, mu: float, nu: float, margin: float) -> None:
-        if T <= 0:
+        if not T > 0:  # NaN too
             raise ValueError(f"{self.name}: T must be > 0, got {T}")
         if not 0.0 <= mu <= 1.0:
             raise ValueError(f"{self.name}: mu must be in [0, 1], got {mu}")

@@ -82,6 +82,8 @@ class CWDLoss(DistillLoss):
         self.tau = float(params.get("tau", 1.0))
         self.form = params.get("form", "kl")
         self.source = params.get("source", "features")
+        if not self.tau > 0:  # tau = 0 divides by zero: NaN terms at the first step
+            raise ValueError(f"CWDLoss: tau must be > 0, got {self.tau}")
         if self.form not in _FORMS:
             raise ValueError(f"CWDLoss: form must be one of {_FORMS}, got {self.form!r}")
         if self.source not in _SOURCES:

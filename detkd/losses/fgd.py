@@ -164,6 +164,8 @@ class FGDLoss(DistillLoss):
         check_params("FGDLoss", params, self.extra_params)
         cfg = {**_PARAMS, **params}
         self.temp = float(cfg["temp"])
+        if not self.temp > 0:  # the attention softmax divides by temp
+            raise ValueError(f"FGDLoss: temp must be > 0, got {self.temp}")
         self.weights = {
             "fg": float(cfg["alpha_fgd"]),
             "bg": float(cfg["beta_fgd"]),

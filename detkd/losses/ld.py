@@ -113,7 +113,7 @@ class _LDBase(DistillLoss):
         tau: float,
     ):
         super().__init__(levels, student_specs, teacher_specs)
-        if tau <= 0:
+        if not tau > 0:  # NaN too
             raise ValueError(f"{self.name}: tau must be > 0, got {tau}")
         self.tau = float(tau)
 

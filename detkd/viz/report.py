@@ -10,6 +10,7 @@ are listed in ``index.md``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from detkd.losses.fgd import FGDLoss
 from detkd.losses.ld import VLRLD, MainKD, MainLD
 from detkd.losses.lgd import LGDLoss
 from detkd.models.adapters import DetectorAdapter, build_adapter
+from detkd.models.weights import WEIGHTS_NAME
 from detkd.runner import load_student_weights
 from detkd.structures import DetOutputs
 from detkd.viz import draw, maps
@@ -63,10 +65,18 @@ class VizModels:
         return " | ".join(parts)
 
 
-def _build_detector(mc, num_classes: int, weights: str | Path | None) -> tuple[nn.Module, str | None]:
-    """A detector in eval mode; ``weights`` if given, else the config's weights when that file exists, else fresh.
-    Nothing is ever downloaded: torchvision weight names (backbone or full) are ignored here."""
-    path = weights or (mc.weights if mc.weights and Path(mc.weights).is_file() else None)
+def _build_detector(mc, num_classes: int, weights: str | Path | None, who: str,
+                    keys: tuple[str, str]) -> tuple[nn.Module, str | None]:
+    """A detector in eval mode; ``weights`` if given, else the config's weights, else fresh.
+
+    ``who`` is "student" or "teacher", ``keys`` the option and config key that set its weights (for the messages). A
+    given or configured file that does not exist is an error. Nothing is ever downloaded: torchvision weight names
+    (backbone or full) are ignored here."""
+    flag, key = keys
+    configured = mc.weights if mc.weights and not WEIGHTS_NAME.match(mc.weights) else None
+    path = weights or configured
+    if path and not Path(path).is_file():
+        raise FileNotFoundError(f"{flag if weights else key}: {who} weights not found: {path}")
     model = build_model(dataclasses.replace(mc, weights=None, backbone_weights=None), num_classes)
     if path:
         load_student_weights(model, path)
@@ -98,16 +108,21 @@ def build_viz_models(cfg: Config, num_classes: int, student_weights: str | Path 
     convs, FGD GcBlocks, LGD label-guided modules) are loaded from it.
     """
     torch.manual_seed(cfg.seed)  # fresh models (and loss modules) give the same pictures on every call
-    student, s_src = _build_detector(cfg.model, num_classes, student_weights)
+    student, s_src = _build_detector(cfg.model, num_classes, student_weights, "student", ("--student", "model.weights"))
     teacher, t_src = (None, None)
     if cfg.teacher is not None:
-        teacher, t_src = _build_detector(cfg.teacher, num_classes, teacher_weights)
+        teacher, t_src = _build_detector(cfg.teacher, num_classes, teacher_weights, "teacher",
+                                         ("--teacher", "teacher.weights"))
+        if t_src is None:  # a trained teacher is the point of distilling: say it plainly, not only in index.md
+            warnings.warn("viz: the teacher has no weights (--teacher / teacher.weights): its pictures show a freshly "
+                          "initialised network", UserWarning, stacklevel=2)
     s_adapter = build_adapter(student)
     t_adapter = build_adapter(teacher) if teacher is not None else None
     losses, skipped, counts = [], [], {}
-    for lc in cfg.distill.losses if cfg.distill is not None else []:
+    for i, lc in enumerate(cfg.distill.losses if cfg.distill is not None else []):
         sl = build_loss(lc, s_adapter, t_adapter, num_classes=num_classes,
-                        max_steps=cfg.train.max_steps or _NO_SCHEDULE, allow_resize=cfg.distill.allow_resize)
+                        max_steps=cfg.train.max_steps or _NO_SCHEDULE, allow_resize=cfg.distill.allow_resize,
+                        key=f"distill.losses[{i}] ({lc.method})")
         counts[lc.method] = counts.get(lc.method, 0) + 1
         key = lc.method if counts[lc.method] == 1 else f"{lc.method}{counts[lc.method]}"  # as the Distiller logs
         losses.append((key, sl.module.eval()))
@@ -244,9 +259,10 @@ def render_report(cfg: Config, out_dir: Path, *, student_weights: str | Path | N
     """Write the pictures for the first ``num_images`` images of ``split`` ("val", "train" or a split name) to
     ``out_dir`` and return the PNG paths (an ``index.md`` beside them lists them and any method without pictures).
 
-    Weights: the given files, else ``model.weights`` / ``teacher.weights`` when they name an existing file, else a
-    fresh initialisation (seeded with ``cfg.seed``; the figure titles say so): masks and regions depend only on the
-    boxes, attention and distributions then show an untrained network. Everything runs on the CPU (a few images).
+    Weights: the given files, else ``model.weights`` / ``teacher.weights`` (a path that does not exist is a
+    FileNotFoundError), else a fresh initialisation (seeded with ``cfg.seed``; the figure titles say so, and a
+    warning for the teacher): masks and regions depend only on the boxes, attention and distributions then show an
+    untrained network. Everything runs on the CPU (a few images).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -159,3 +159,11 @@ def test_module_on_cls_logits():
         assert out[level].item() == pytest.approx(_naive_kl(s_maps[level], t_maps[level], 2.0), rel=1e-5)
     with pytest.raises(ValueError, match="equal channels"):
         loss(_with_logits(2, [(4, 6), (2, 3)], 3, 4), t)
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan")])
+def test_module_rejects_a_temperature_that_is_not_positive(tau):
+    # tau = 0 divided the maps by zero: NaN terms and a WiringError at step 1 instead of a config error
+    specs = {"p3": FeatureSpec(4, 8)}
+    with pytest.raises(ValueError, match="CWDLoss: tau must be > 0"):
+        CWDLoss(["p3"], specs, specs, tau=tau)

@@ -246,3 +246,9 @@ def test_a_near_one_hot_teacher_attention_gets_a_first_step_note():
     warm(_outputs(s, [[[0, 0, 10, 10]]] * 2, batch_shape=(160, 160)), _outputs(peaked, [[[0, 0, 10, 10]]] * 2,
                                                                                  batch_shape=(160, 160)))
     assert float(warm.teacher_support["p3"].mean()) > NARROW_SUPPORT and warm.first_step_notes() == []
+
+
+@pytest.mark.parametrize("temp", [0.0, -0.5, float("nan")])
+def test_module_rejects_a_temperature_that_is_not_positive(temp):
+    with pytest.raises(ValueError, match="FGDLoss: temp must be > 0"):
+        FGDLoss(["p3"], SPECS, SPECS, temp=temp)

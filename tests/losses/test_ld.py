@@ -231,3 +231,10 @@ def test_vlr_ld_diou_true_from_yaml_or_set_is_the_true_diou():
     assert torch.equal(from_bool.region(student), expected)
     with pytest.raises(ValueError, match="diou must be 'official' or 'true', got False"):
         VLRLD([], SPECS, SPECS, diou=False)
+
+
+@pytest.mark.parametrize("cls", [MainLD, MainKD, VLRLD])
+@pytest.mark.parametrize("tau", [0.0, float("nan")])
+def test_temperature_must_be_positive(cls, tau):
+    with pytest.raises(ValueError, match=f"{cls.name}: tau must be > 0"):
+        cls([], SPECS, SPECS, tau=tau)
