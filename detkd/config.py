@@ -7,6 +7,7 @@ parsed as YAML scalars and checked against the field's type. Unknown keys and wr
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -133,6 +134,10 @@ class Config:
 # --------------------------------------------------------------------------------------------- conversion
 
 
+#: a number in exponent notation without a dot ("1e-3", "5E4"), which PyYAML's YAML 1.1 resolver leaves a string
+_EXPONENT_NUMBER = re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -174,6 +179,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.match(value):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; every other reader calls it a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -136,3 +136,16 @@ def test_max_steps_replaces_epochs_only_when_set(tmp_path):
     assert total_steps(cfg.train, 10) == 7
     cfg = load_config(_write(tmp_path, {"train": {"epochs": 3}}))
     assert total_steps(cfg.train, 10) == 30
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-3`` as a string; a float field takes it as the number everyone means."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {lr: 1e-3, weight_decay: 5E-4}\n")
+    cfg = load_config(p, ["distill.losses=[{method: cwd, weight: 2e1}]"])
+    assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005 and cfg.distill.losses[0].weight == 20.0
+    for bad in ("train.lr=1e", "train.lr=e3", "train.lr=one"):
+        with pytest.raises(ConfigError, match="train.lr: expected a number"):
+            load_config(p, [bad])
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):  # ints stay strict
+        load_config(p, ["train.epochs=1e1"])

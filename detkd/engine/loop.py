@@ -190,7 +190,7 @@ def _check_same_config(config: Config, saved: Path) -> None:
 
     old, new = flat(to_dict(load_config(saved))), flat(to_dict(config))
     changed = [k for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
+               if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE]
     if changed:
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
         more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
