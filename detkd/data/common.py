@@ -52,6 +52,7 @@ class LoadReport:
     clipped: int = 0
     ignored_crowd: int = 0
     missing_label_files: int = 0  # YOLO images without a label file (read as images without boxes)
+    orphan_label_files: list[str] = field(default_factory=list)  # YOLO label files without an image (not read)
     skipped_images: list[str] = field(default_factory=list)  # "name (reason)"
     dropped_examples: list[str] = field(default_factory=list)  # where the first degenerate boxes were
 
@@ -65,6 +66,9 @@ class LoadReport:
             text += f", ignored {self.ignored_crowd} crowd annotations"
         if self.missing_label_files:
             text += f", {self.missing_label_files} images without a label file"
+        if self.orphan_label_files:
+            shown = ", ".join(self.orphan_label_files[:3]) + (", ..." if len(self.orphan_label_files) > 3 else "")
+            text += f", {len(self.orphan_label_files)} label files without an image, not read ({shown})"
         if self.skipped_images:
             text += f", skipped {len(self.skipped_images)} bad images"
         return text
@@ -199,7 +203,7 @@ class DetectionDataset(Dataset):
         self.transforms = transforms
         self.skip_bad_images = skip_bad_images
         # Dropped boxes change what the model learns from: say so loudly; a clean load is only info.
-        level = logging.WARNING if report.dropped_degenerate else logging.INFO
+        level = logging.WARNING if report.dropped_degenerate or report.orphan_label_files else logging.INFO
         logger.log(level, "%s: %s", type(self).__name__, report.summary())
 
     @property

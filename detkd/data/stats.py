@@ -107,6 +107,7 @@ def dataset_stats(dataset: DetectionDataset) -> dict[str, Any]:
         "clipped": report.clipped,
         "ignored_crowd": report.ignored_crowd,
         "missing_label_files": report.missing_label_files,
+        "orphan_label_files": list(report.orphan_label_files),
         "skipped_images": list(report.skipped_images),
     }
 
@@ -120,6 +121,8 @@ def format_stats_table(stats: dict[str, Any], title: str | None = None) -> Table
     table.add_row("images without boxes", str(stats["images_without_boxes"]))
     if stats.get("missing_label_files"):
         table.add_row("  without a label file", str(stats["missing_label_files"]))
+    if stats.get("orphan_label_files"):
+        table.add_row("label files without an image (not read)", str(len(stats["orphan_label_files"])))
     table.add_row("boxes", str(stats["boxes"]))
     for name, count in stats["boxes_per_class"].items():
         table.add_row(f"  {escape(name)}", str(count))  # dataset text: "[bg]" is not rich markup

@@ -3,9 +3,11 @@
 A label file ``labels/<stem>.txt`` holds one object per line, ``class cx cy w h`` normalised to [0, 1] (class is
 0-based; label = class + 1). Polygon lines (``class x1 y1 x2 y2 ...``, the segmentation export) are read as their
 bounding box. A missing or empty label file is an image without boxes (missing ones are counted in
-``report.missing_label_files``), but a missing ``labels/`` folder is a DatasetError: a misnamed folder would otherwise
+``report.missing_label_files``; label files without an image, whose boxes are not read, in
+``report.orphan_label_files``), but a missing ``labels/`` folder is a DatasetError: a misnamed folder would otherwise
 turn every image into a negative. Image sizes are read from the file headers at construction (no decode). File names
-may contain spaces (paths are never split on whitespace).
+may contain spaces (paths are never split on whitespace). Two images with one stem (``a.jpg``, ``a.png``) would
+share ``a.txt``: a DatasetError.
 
 ``names`` is a list or an ultralytics-style mapping ``{0: name, 1: name}`` whose keys (ints or digit strings) must
 be exactly ``0..n-1``; a name listed twice is a DatasetError.
@@ -164,7 +166,14 @@ class YoloDetection(DetectionDataset):
         files = sorted(p for p in self.images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DatasetError(f"{self.images_dir}: no images")
+        by_stem: dict[str, Path] = {}
+        for file in files:  # a.jpg and a.png would both read labels/a.txt: whose boxes are they?
+            if file.stem in by_stem:
+                raise DatasetError(f"{self.images_dir}: {by_stem[file.stem].name} and {file.name} share the label "
+                                   f"file {self.labels_dir / (file.stem + '.txt')}; rename or remove one")
+            by_stem[file.stem] = file
         report = LoadReport()
+        report.orphan_label_files = sorted(p.name for p in self.labels_dir.glob("*.txt") if p.stem not in by_stem)
         records = []
         for file in files:
             size = self._header_size(file, report, skip_bad_images)

@@ -191,6 +191,23 @@ def test_yolo_missing_label_files_are_counted(tmp_path, files):
     assert "without a label file" in out.getvalue()
 
 
+def test_yolo_label_files_without_an_image_are_reported_and_shared_stems_refused(tmp_path, files, caplog):
+    root = files.yolo(tmp_path / "y", ["a"], {"a.png": (40, 20, "0 0.5 0.5 0.5 0.5\n")})
+    (root / "train" / "labels" / "gone.txt").write_text("0 0.5 0.5 0.2 0.2\n")  # its image was deleted
+    with caplog.at_level("WARNING", logger="detkd.data"):
+        ds = YoloDetection(root, "train")
+    assert ds.report.orphan_label_files == ["gone.txt"]
+    assert "1 label files without an image, not read (gone.txt)" in caplog.text  # a warning, not an info line
+    stats = dataset_stats(ds)
+    assert stats["orphan_label_files"] == ["gone.txt"]
+    out = io.StringIO()
+    Console(file=out, width=100).print(format_stats_table(stats))
+    assert "label files without an image" in out.getvalue()
+    files.image(root / "train" / "images" / "a.jpg", 40, 20)  # a.png and a.jpg would both read a.txt
+    with pytest.raises(DatasetError, match=r"a\.jpg and a\.png share the label file .*a\.txt"):
+        YoloDetection(root, "train")
+
+
 def test_yolo_non_utf8_files_name_file(tmp_path, files):
     root = _yolo(tmp_path, files, "names: [a, b, c]\n")
     (root / "train" / "labels" / "a.txt").write_bytes(b"0 0.5 0.5 0.2 0.2 \xe9\n")
