@@ -72,6 +72,10 @@ class Distiller(nn.Module):
         self.check_first_step = check_first_step
         self.inherit_report = inherit_report  # what distill.inherit copied from the teacher (the runner prints it)
         self.step = 0
+        # the backbone parameters LGD's warm-up may freeze and release: those trainable now (a layer the user froze
+        # stays frozen); a list keeps them out of the module's attributes
+        body = getattr(getattr(student, "backbone", None), "body", None)
+        self._body_trainable = [p for p in body.parameters() if p.requires_grad] if body is not None else []
         for sl in losses:
             if hasattr(sl.module, "bind_head"):
                 sl.module.bind_head(self.student_adapter.head_losses)
@@ -97,11 +101,13 @@ class Distiller(nn.Module):
 
     def _freeze_backbone(self, frozen: bool) -> None:
         # LGD warm-up: the student's bottom-up backbone takes no update (its grads stay None, as in the reference)
-        body = getattr(self.student.backbone, "body", None)
-        if body is None:
-            return
-        for p in body.parameters():
+        for p in self._body_trainable:
             p.requires_grad_(not frozen)
+
+    def end_run(self) -> None:
+        """Give the student back as it came (the training loop calls this when a run ends, also on an error): a
+        warm-up that lasted to the end of a short run must not leave its backbone frozen for the next user."""
+        self._freeze_backbone(False)
 
     def param_groups(self) -> list[dict]:
         """Student + connectors + loss modules; modules may split off their own groups (LGD's teacher modules)."""

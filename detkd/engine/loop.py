@@ -112,7 +112,8 @@ def fit(
     t0 = time.perf_counter()
     run = _setup(trainable, train_loader, cfg, Path(run_dir), resume, seed, config, find_unused_parameters)
     stopped = False
-    with ck.StopRequest() as stop, contextlib.closing(run.logger):
+    end_run = getattr(trainable, "end_run", lambda: None)  # e.g. the Distiller releases LGD's frozen backbone
+    with ck.StopRequest() as stop, contextlib.closing(run.logger), _finally(end_run):
         while run.p.step < run.total and not stopped:
             batches, epoch_done = _begin_epoch(run), False
             while not (epoch_done or stopped) and run.p.step < run.total:
@@ -132,6 +133,14 @@ def fit(
                     ck.restore_rng(rng, run.loader)
     return FitResult(run.p.step, run.p.epoch, run.last_metrics, run.p.best_metric, time.perf_counter() - t0,
                      run.p.skipped_steps, stopped)
+
+
+@contextlib.contextmanager
+def _finally(action: Callable[[], None]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        action()
 
 
 # ----------------------------------------------------------------------------------------------------- setup

@@ -230,6 +230,34 @@ def test_lgd_two_iterations_without_teacher(family, tmp_path):
     assert "distill/lgd" in lines and "tea/" in lines
 
 
+def test_lgd_warm_up_keeps_the_users_frozen_layers_and_releases_the_backbone_at_the_end(tmp_path):
+    """The warm-up freezes the body for its steps, then releases what it froze only: a layer the user froze stays
+    frozen (and unchanged); a warm-up that outlasts the run does not leave the body frozen after it."""
+    torch.manual_seed(0)
+    student = build("fcos", backbone="resnet18", num_classes=3, fpn_channels=32, head_convs=1, min_size=SIZE,
+                    max_size=SIZE)
+    body = student.backbone.body
+    body.layer1.requires_grad_(False)
+    layer1_before = {k: v.detach().clone() for k, v in body.layer1.named_parameters()}
+    params = {"pre_nondistill_steps": 1, "freeze_backbone_steps": 1, "num_heads": 8}
+    d = build_distiller(student, None, DistillConfig(losses=[LossConfig("lgd", params=params)]), num_classes=3,
+                        max_steps=2)
+    cfg = TrainConfig(epochs=1, lr=1e-3, optimizer="adamw", warmup_steps=0, progress=False, log_every=1)
+    fit(d, _Loader([_batch(), _batch()]), cfg, tmp_path / "a", seed=0)
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(torch.equal(v, layer1_before[k]) for k, v in body.layer1.named_parameters())  # (BN stats move)
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    # a warm-up longer than the run: frozen during it, released when fit returns
+    long = {**params, "freeze_backbone_steps": 100}
+    d = build_distiller(student, None, DistillConfig(losses=[LossConfig("lgd", params=long)]), num_classes=3,
+                        max_steps=2)
+    d.set_step(0)
+    assert not any(p.requires_grad for p in body.layer2.parameters())
+    fit(d, _Loader([_batch(), _batch()]), cfg, tmp_path / "b", seed=0)
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+
+
 def test_bf16_teacher_returns_float32_close_to_fp32():
     model = _model("fcos", fpn=32, seed=1)
     fp32, bf16 = FrozenTeacher(model), FrozenTeacher(copy.deepcopy(model), bf16=True)
