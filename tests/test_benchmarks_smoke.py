@@ -60,8 +60,9 @@ def test_micro_tiny_writes_every_loss_and_exact_regions(tmp_path):
     for region in ("fgd_masks", "vlr"):
         r = data["regions"][region]
         assert r["max_abs_diff"] < 1e-5, region  # the vectorised code reproduces the loop reference
-        assert r["speedup"] == pytest.approx(r["loop"]["median_ms"] / r["vectorised"]["median_ms"], rel=0.05)
-        assert r["speedup_min"] == pytest.approx(r["loop"]["min_ms"] / r["vectorised"]["min_ms"], rel=0.05)
+        # rounded to 0.1 (a relative tolerance failed when a tiny-shape speed-up was below 1)
+        assert r["speedup"] == pytest.approx(r["loop"]["median_ms"] / r["vectorised"]["median_ms"], abs=0.051)
+        assert r["speedup_min"] == pytest.approx(r["loop"]["min_ms"] / r["vectorised"]["min_ms"], abs=0.051)
     md = (tmp_path / "micro_cpu_t.md").read_text()
     assert "| loss module | forward ms |" in md and "speed-up" in md and "commit" in md
 

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,7 @@ MAX_HIDDEN = 0.6
 MIN_SIZE = 8
 SPLITS = ("train", "val")
 LOCK_NAME = ".generate.lock"
+_IMAGE_NAME = re.compile(r"^(train|val)_[0-9]{6,}\.png$")  # what _coco_split writes
 
 COLOURS = {
     "red": (215, 45, 40),
@@ -216,6 +218,11 @@ def ensure(out_dir: str | Path, cfg: SynthConfig) -> Path:
     Under DDP call it on rank 0 and barrier before the other ranks read the files.
     """
     out_dir = Path(out_dir)
+    foreign = _foreign_entries(out_dir)
+    if foreign:
+        raise ValueError(f"data.format is 'synthetic' (the default) but {out_dir} holds files the synthetic set never "
+                         f"writes ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): set data.format "
+                         "(coco, voc, yolo) for a dataset of yours, or point data.root at a folder of its own")
     out_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir / LOCK_NAME):  # another process may be writing it: wait, then find it complete
         meta_file = out_dir / "meta.json"
@@ -227,6 +234,19 @@ def ensure(out_dir: str | Path, cfg: SynthConfig) -> Path:
         if current == _meta(cfg) and complete:
             return out_dir
         return generate(out_dir, cfg)
+
+
+def _foreign_entries(out_dir: Path) -> list[str]:
+    """Names under ``out_dir`` that ``generate`` does not write: regenerating there would mix (or, for images, delete
+    and rewrite) a user's files; typically a real dataset's folder given as ``data.root`` without ``data.format``."""
+    if not out_dir.is_dir():
+        return []
+    ours = {"images", "meta.json", LOCK_NAME, *(f"annotations_{s}.json" for s in SPLITS)}
+    foreign = [p.name for p in sorted(out_dir.iterdir()) if p.name not in ours and not p.name.endswith(".tmp")]
+    images = out_dir / "images"
+    if images.is_dir():
+        foreign += [f"images/{p.name}" for p in sorted(images.iterdir()) if not _IMAGE_NAME.match(p.name)]
+    return foreign
 
 
 @contextmanager

@@ -111,3 +111,25 @@ def test_ensure_waits_for_a_generation_in_progress_and_does_not_redo_it(tmp_path
     waiter.join(30)
     assert not waiter.is_alive()
     assert calls == []  # found complete after the wait: not regenerated
+
+
+def test_ensure_refuses_a_folder_of_other_files_and_resumes_its_own(tmp_path):
+    """``data.root`` of a real dataset without ``data.format`` (the default is synthetic) must not get 500 generated
+    images written into it and trained on; a generation interrupted before meta.json is simply redone."""
+    tiny = SynthConfig(num_train=3, num_val=2, image_size=64, seed=1)
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    with pytest.raises(ValueError, match=r"data.format is 'synthetic' \(the default\) but .*voc holds files"):
+        syn.ensure(voc, tiny)
+    assert sorted(p.name for p in voc.iterdir()) == ["Annotations", "JPEGImages"]  # nothing written
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="images/holiday.jpg"):
+        syn.ensure(mine, tiny)
+    half = tmp_path / "half"
+    syn.generate(half, tiny)
+    (half / "meta.json").unlink()  # interrupted before its last write
+    syn.ensure(half, tiny)
+    assert (half / "meta.json").is_file()
