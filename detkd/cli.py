@@ -18,12 +18,10 @@ from detkd.config import ConfigError, SynthConfig, load_config
 DEMO_METHODS = ("cwd", "fgd", "hint", "ld", "lgd")
 
 console = Console()
-#: files of a run folder that mean a run was already trained there
-RUN_FILES = ("state.pt", "last.pt", "result.json")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from detkd.runner import train_from_config
+    from detkd.runner import RUN_FILES, train_from_config
 
     cfg = load_config(args.config, args.set)
     earlier = [f for f in RUN_FILES if (cfg.run_dir / f).exists()]

@@ -25,6 +25,10 @@ from detkd.engine.task import TaskModel
 from detkd.eval import evaluate
 from detkd.models.weights import load_checked, read_state_dict
 
+#: files of a run folder that mean a run was already trained there (``detkd train`` and the Python API refuse to
+#: train into it again without --resume / --overwrite)
+RUN_FILES = ("state.pt", "last.pt", "result.json")
+
 
 @dataclass
 class RunResult:
@@ -86,6 +90,11 @@ def train_models(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module
     dist = init_distributed()
     torch.manual_seed(cfg.seed)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    spec = getattr(student, "detkd_spec", None)
+    if spec is not None and spec.num_classes != train_set.num_classes:  # fewer fail at the first label; more, never
+        raise ConfigError(f"the student has num_classes={spec.num_classes} but the dataset has "
+                          f"{train_set.num_classes} classes; build it with num_classes={train_set.num_classes} "
+                          "or fix the data")
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
     loader = build_loader(train_set, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers,
                           seed=cfg.seed, distributed=dist.world_size > 1)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 import detkd
-from detkd.config import DataConfig, LossConfig, SynthConfig
+from detkd.build import build_model
+from detkd.cli import main
+from detkd.config import DataConfig, LossConfig, ModelConfig, SynthConfig, load_config
 
 
 def _data(tmp_path) -> DataConfig:
@@ -21,7 +23,7 @@ def _build(backbone: str, fpn: int):
 def test_train_teacher_then_distill_from_python(tmp_path):
     teacher = _build("resnet18", 32)
     t_run = detkd.train_student(teacher, data=_data(tmp_path), epochs=1, output_dir=str(tmp_path), name="teacher")
-    assert {"AP", "AP50", "AP75"} <= set(t_run.metrics)
+    assert {"AP", "AP50", "AP75"} <= set(t_run.metrics) and not teacher.training  # returned ready for inference
     teacher = detkd.models.build("fcos", backbone="resnet18", num_classes=7, fpn_channels=32, head_convs=1,
                                  min_size=64, max_size=64, weights=str(t_run.run_dir / "last.pt"))
     student = _build("resnet18", 16)
@@ -30,8 +32,18 @@ def test_train_teacher_then_distill_from_python(tmp_path):
     assert result.steps == 2 and "AP" in result.metrics
     lines = (result.run_dir / "metrics.jsonl").read_text()
     assert "distill/cwd" in lines and "distill/hint" in lines
+    assert not student.training and teacher.training  # the teacher as it came: train mode, trainable
+    assert all(p.requires_grad for p in teacher.parameters())
     plain = _build("resnet18", 16)
     plain.load_state_dict(torch.load(result.run_dir / "last.pt", weights_only=True), strict=True)
+    # config.yaml names the student and the teacher: `detkd eval` re-evaluates the run
+    cfg = load_config(result.run_dir / "config.yaml")
+    assert cfg.model == ModelConfig(family="fcos", backbone="resnet18", num_classes=7, fpn_channels=16, head_convs=1,
+                                    min_size=64, max_size=64)
+    assert cfg.teacher.fpn_channels == 32 and cfg.teacher.weights == str(t_run.run_dir / "last.pt")
+    build_model(cfg.model, 7).load_state_dict(torch.load(result.run_dir / "last.pt", weights_only=True), strict=True)
+    assert main(["eval", str(result.run_dir / "config.yaml"), "--checkpoint", str(result.run_dir / "last.pt"),
+                 "--json"]) == 0
 
 
 def test_lgd_from_python_needs_no_teacher(tmp_path):

@@ -13,9 +13,11 @@ Level layouts (the same for every backbone, so teacher and student of one family
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torchvision
 from torch import nn
@@ -64,7 +66,9 @@ class ModelSpec:
     """What distillation code needs to know about a built detector, without a dummy forward pass.
 
     ``level_names`` are in the order of the backbone's output dict (stride order); ``strides[i]`` is the nominal
-    stride of ``level_names[i]``. ``num_classes`` is the number of real classes K (labels 1..K).
+    stride of ``level_names[i]``. ``num_classes`` is the number of real classes K (labels 1..K). ``build_args``: the
+    other arguments :func:`build` got (``head_convs``, ``min_size``, ``max_size``, ``backbone_norm``, ``weights``,
+    ``backbone_weights``, ``options``), so that a run's ``config.yaml`` can name the model it trained.
     """
 
     family: str
@@ -73,6 +77,7 @@ class ModelSpec:
     level_names: tuple[str, ...]
     strides: tuple[int, ...]
     fpn_channels: int
+    build_args: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def feature_specs(self) -> dict[str, FeatureSpec]:
         """``{level_name: FeatureSpec(fpn_channels, stride)}`` for connectors and losses."""
@@ -265,23 +270,34 @@ def build(
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown detector family {family!r}; choose one of {FAMILIES}")
-    if num_classes is None or int(num_classes) < 1:
-        raise ValueError(f"build({family!r}): num_classes must be the number of real classes (>= 1), got {num_classes}")
-    if head_convs < 0:
-        raise ValueError(f"build({family!r}): head_convs must be >= 0, got {head_convs}")
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"build({family!r}): num_classes must be the number of real classes (an int >= 1), got "
+                         f"{num_classes!r}")
+    if not _is_int(fpn_channels) or fpn_channels < 1:
+        raise ValueError(f"build({family!r}): fpn_channels must be an int >= 1, got {fpn_channels!r}")
+    if not _is_int(head_convs) or head_convs < 0:
+        raise ValueError(f"build({family!r}): head_convs must be an int >= 0, got {head_convs!r}")
     body, level_names, strides = build_backbone(
         backbone,
         dense=family != "faster_rcnn",
-        fpn_channels=fpn_channels,
+        fpn_channels=int(fpn_channels),
         norm=backbone_norm,
         backbone_weights=backbone_weights,
     )
     common = {"min_size": min_size, "max_size": max_size}
-    model = _BUILDERS[family](body, int(num_classes), head_convs, common, dict(options))
+    model = _BUILDERS[family](body, int(num_classes), int(head_convs), common, dict(options))
     if weights is not None:
         load_weights(model, weights)
-    model.detkd_spec = ModelSpec(family, backbone, int(num_classes), level_names, strides, fpn_channels)
+    args = {"head_convs": int(head_convs), "min_size": min_size, "max_size": max_size, "backbone_norm": backbone_norm,
+            "weights": None if weights is None else str(weights),
+            "backbone_weights": None if backbone_weights is None else str(backbone_weights), "options": dict(options)}
+    model.detkd_spec = ModelSpec(family, backbone, int(num_classes), level_names, strides, int(fpn_channels), args)
     return model
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool, a float or a string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
