@@ -122,16 +122,17 @@ def parse_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarr
         tokens = line.split()
         if not tokens:
             continue
-        tag = f"{path.name} line {lineno}"
+        tag = f"{path.name} line {lineno}"  # short, for the summary of dropped boxes
+        at = f"{path} line {lineno}"  # errors name the whole path: train/ and valid/ hold files of the same name
         try:
             values = [float(t) for t in tokens]
         except ValueError as e:
-            raise DatasetError(f"{tag}: not numbers: {line.strip()!r}") from e
+            raise DatasetError(f"{at}: not numbers: {line.strip()!r}") from e
         if len(values) != 5 and (len(values) < 7 or len(values) % 2 == 0):
-            raise DatasetError(f"{tag}: expected 'class cx cy w h' (or a polygon), got {len(values)} values")
+            raise DatasetError(f"{at}: expected 'class cx cy w h' (or a polygon), got {len(values)} values")
         cls = values[0]
         if not (math.isfinite(cls) and cls == int(cls) and 0 <= cls < num_classes):
-            raise DatasetError(f"{tag}: class index {tokens[0]} out of range 0..{num_classes - 1}")
+            raise DatasetError(f"{at}: class index {tokens[0]} out of range 0..{num_classes - 1}")
         if len(values) == 5:
             cx, cy, w, h = values[1:]
             boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])

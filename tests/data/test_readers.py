@@ -119,9 +119,9 @@ def test_yolo_polygon_line_is_its_bounding_box(tmp_path, files):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("0 0.5 0.5 0.1 0.1\n2 0.5 0.5 0.1 0.1\n", r"a\.txt line 2: class index 2 out of range 0\.\.1"),
-        ("0 0.5 0.5 0.1\n", r"a\.txt line 1: expected 'class cx cy w h'"),
-        ("dog 0.5 0.5 0.1 0.1\n", r"a\.txt line 1: not numbers"),
+        ("0 0.5 0.5 0.1 0.1\n2 0.5 0.5 0.1 0.1\n", r"train/labels/a\.txt line 2: class index 2 out of range 0\.\.1"),
+        ("0 0.5 0.5 0.1\n", r"train/labels/a\.txt line 1: expected 'class cx cy w h'"),
+        ("dog 0.5 0.5 0.1 0.1\n", r"train/labels/a\.txt line 1: not numbers"),
         ("0 nan 0.5 0.1 0.1\n", r"a\.txt line 1: non-finite"),
     ],
 )
