@@ -66,6 +66,9 @@ def build_loss(
     unknown = sorted(set(lc.params) - known)
     if unknown:  # before constructing: a misspelt name would otherwise be a TypeError from inside the module
         raise ConfigError(f"{key}: unknown param(s) {unknown} (known: {', '.join(sorted(known))})")
+    if cls.families is not None and student.family not in cls.families:  # else a ValueError at the first step
+        raise ConfigError(f"{key}: needs a {' or '.join(cls.families)} student, this one is {student.family}; "
+                          f"{cls.family_hint}")
     levels = lc.levels or _default_levels(cls, student, teacher)
     s_specs = student.feature_specs()
     t_specs = teacher.feature_specs() if teacher is not None else None

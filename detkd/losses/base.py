@@ -31,6 +31,10 @@ class DistillLoss(nn.Module):
     teacher_stage: ClassVar[str | None] = "features"
     #: True when teacher and student must be the same family with the same classes, strides and anchors.
     needs_same_head: ClassVar[bool] = False
+    #: the student families whose outputs the loss reads (None: any), checked when the loss is built, with
+    #: ``family_hint`` added to the error (e.g. which method does the same on other families)
+    families: ClassVar[tuple[str, ...] | None] = None
+    family_hint: ClassVar[str] = ""
     #: terms whose name starts with one of these are added to the total without the configured weight
     #: (LGD's "tea/*" detection losses of the label-guided branch are plain task losses in the reference)
     unweighted_prefixes: ClassVar[tuple[str, ...]] = ()

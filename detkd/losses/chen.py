@@ -104,6 +104,8 @@ class ChenLoss(_ChenBase):
 
     name = "chen"
     teacher_stage = "roi"
+    families = ("faster_rcnn",)  # RPN + RoI head
+    family_hint = "on a dense detector (RetinaNet, FCOS, GFL) use method 'chen_dense'"
 
     def __init__(
         self,
@@ -185,6 +187,8 @@ class ChenDenseLoss(_ChenBase):
 
     name = "chen_dense"
     teacher_stage = "head"
+    families = ("retinanet", "fcos", "gfl")
+    family_hint = "on Faster R-CNN use method 'chen' (RPN and RoI head)"
 
     def __init__(
         self,

@@ -136,6 +136,8 @@ class MainLD(_LDBase):
     """
 
     name = "ld"
+    families = ("gfl",)  # box-edge distributions: only the GFL head predicts them
+    family_hint = "LD needs a GFL teacher and student (detkd.models.build('gfl', ...), the ld_gfl_* recipes)"
 
     def __init__(
         self,
@@ -208,6 +210,8 @@ class VLRLD(_LDBase):
     """
 
     name = "vlr_ld"
+    families = ("gfl",)  # box-edge distributions: only the GFL head predicts them
+    family_hint = "LD needs a GFL teacher and student (detkd.models.build('gfl', ...), the ld_gfl_* recipes)"
 
     def __init__(
         self,

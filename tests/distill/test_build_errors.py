@@ -93,3 +93,18 @@ def test_known_task_weights_keys_train(gfl_pair):
     for _ in range(2):
         out = d(*_batch())
         assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize(("method", "family", "hint"), [
+    ("ld", "fcos", "LD needs a GFL teacher and student"),
+    ("vlr_ld", "retinanet", "LD needs a GFL teacher and student"),
+    ("chen", "retinanet", "use method 'chen_dense'"),
+    ("chen_dense", "faster_rcnn", "use method 'chen'"),
+])
+def test_a_method_on_a_family_whose_outputs_it_cannot_read_fails_when_built(method, family, hint):
+    """LD reads GFL's box-edge distributions, Chen the RPN and RoI head: on another family the error came only at the
+    first training step, and did not say which method fits."""
+    pair = (_model(family), FrozenTeacher(_model(family, seed=1)))
+    with pytest.raises(ConfigError, match=re.escape(f"distill.losses[0] ({method}): needs a")) as info:
+        _build(pair, LossConfig(method))
+    assert f"this one is {family}" in str(info.value) and hint in str(info.value)
