@@ -233,7 +233,8 @@ class DetectionDataset(Dataset):
             except DatasetError as e:
                 if not self.skip_bad_images:
                     raise
-                # Passed the header check but fails to decode: count it once, serve the next image instead.
+                # Passed the header check but fails to decode: count it once, serve the next image instead. (In a
+                # DataLoader worker this counts in the worker's copy of the report: the warning is the record there.)
                 entry = f"{self.records[j].file.name} (corrupt)"
                 if entry not in self.report.skipped_images:
                     self.report.skipped_images.append(entry)
