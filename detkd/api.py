@@ -25,7 +25,7 @@ from detkd.config import (
 from detkd.losses import LOSSES
 from detkd.losses.fgd import FGD_DEFAULTS
 from detkd.losses.lgd import scaled_warmup
-from detkd.runner import RUN_FILES, RunResult, planned_steps, train_models
+from detkd.runner import RunResult, earlier_run, planned_steps, train_models
 
 #: the values of ``epochs``, ``batch_size``, ``lr`` and ``optimizer`` when they are not given
 DEFAULTS = {"epochs": 12, "batch_size": 4, "lr": 1e-3, "optimizer": "adamw"}
@@ -193,7 +193,7 @@ def _config(student: nn.Module, teacher: nn.Module | None, *, data: DataConfig, 
     cfg = Config(name=name, seed=seed, output_dir=str(output_dir), data=data, model=_model_config(student),
                  teacher=_model_config(teacher) if teacher is not None else None, train=train)
     cfg = check_ranges(from_dict(Config, to_dict(cfg)))
-    earlier = [f for f in RUN_FILES if (cfg.run_dir / f).exists()]
+    earlier = earlier_run(cfg.run_dir)
     if earlier and not overwrite:
         raise ValueError(f"{cfg.run_dir} already holds a run ({', '.join(earlier)}): pass overwrite=True to replace "
                          "it, or another name")

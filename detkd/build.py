@@ -6,7 +6,7 @@ import logging
 
 from torch import nn
 
-from detkd.config import ConfigError, DistillConfig, LossConfig, ModelConfig
+from detkd.config import ConfigError, DistillConfig, LossConfig, ModelConfig, loss_key
 from detkd.distill.distiller import Distiller, ScheduledLoss
 from detkd.distill.teacher import FrozenTeacher
 from detkd.losses import LOSSES
@@ -124,7 +124,7 @@ def build_distiller(
             continue
         sl = build_loss(
             lc, s_adapter, t_adapter, num_classes=num_classes, max_steps=max_steps, allow_resize=dc.allow_resize,
-            key=f"distill.losses[{i}] ({lc.method})",
+            key=loss_key(i, lc),
         )
         keys[lc.method] = keys.get(lc.method, 0) + 1
         if keys[lc.method] > 1:  # the same method twice (e.g. on different levels) logs under distinct keys

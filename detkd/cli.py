@@ -21,10 +21,10 @@ console = Console()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from detkd.runner import RUN_FILES, train_from_config
+    from detkd.runner import earlier_run, train_from_config
 
     cfg = load_config(args.config, args.set)
-    earlier = [f for f in RUN_FILES if (cfg.run_dir / f).exists()]
+    earlier = earlier_run(cfg.run_dir)
     if earlier and not (args.resume or args.overwrite):
         raise ConfigError(f"{cfg.run_dir} already holds a run ({', '.join(earlier)}): continue it with --resume, "
                           "replace it with --overwrite, or train into another folder (--set name=...)")

@@ -318,6 +318,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: {e}") from e
 
 
+def loss_key(index: int, lc: LossConfig) -> str:
+    """How errors name the ``index``-th ``distill.losses`` entry: ``distill.losses[2] (vlr_ld)``."""
+    return f"distill.losses[{index}] ({lc.method})"
+
+
 def check_ranges(cfg: Config) -> Config:
     """Values that have the right type but no meaning (no steps, a probability above 1, an empty loss window):
     ConfigError naming the key. ``load_config`` applies it to the final config (after the overrides)."""
@@ -342,7 +347,7 @@ def check_ranges(cfg: Config) -> Config:
     need(0.0 <= d.hflip <= 1.0, f"data.hflip is a probability (0 to 1), got {d.hflip}")
     need(cfg.eval.batch_size >= 1, f"eval.batch_size must be at least 1, got {cfg.eval.batch_size}")
     for i, lc in enumerate(cfg.distill.losses if cfg.distill is not None else []):
-        key = f"distill.losses[{i}] ({lc.method})"
+        key = loss_key(i, lc)
         need(lc.start_step >= 0, f"{key}: start_step must be >= 0, got {lc.start_step}")
         need(lc.stop_step is None or lc.stop_step > lc.start_step,
              f"{key}: stop_step ({lc.stop_step}) must be after start_step ({lc.start_step}): the loss would never run")

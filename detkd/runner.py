@@ -30,6 +30,11 @@ from detkd.models.weights import load_checked, read_state_dict
 RUN_FILES = ("state.pt", "last.pt", "result.json")
 
 
+def earlier_run(run_dir: Path) -> list[str]:
+    """The ``RUN_FILES`` that ``run_dir`` already holds (empty: no run was trained there)."""
+    return [f for f in RUN_FILES if (run_dir / f).exists()]
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -48,8 +53,6 @@ def planned_steps(data: DataConfig, train: TrainConfig) -> int:
     (reads the training annotations; generates synthetic data if needed). Under DDP each rank steps fewer times."""
     n = len(build_dataset(data, data.train_split, train=True))
     return total_steps(train, math.ceil(n / data.batch_size))
-
-
 
 
 def load_student_weights(model: torch.nn.Module, path: str | Path) -> None:

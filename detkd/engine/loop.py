@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from detkd.config import Config, TrainConfig, dump_config
+from detkd.config import Config, TrainConfig, dump_config, load_config, to_dict
 from detkd.engine import checkpoint as ck
 from detkd.engine import distributed as D
 from detkd.engine.logging import RunLogger, WindowMean
@@ -190,7 +190,6 @@ def _check_same_config(config: Config, saved: Path) -> None:
     ValueError listing the keys that differ (``RESUME_MAY_CHANGE`` excepted)."""
     if not saved.is_file():
         return  # a state saved without its config (the library's own fit calls): nothing to compare
-    from detkd.config import load_config, to_dict
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(d, dict):

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from detkd.build import build_loss, build_model
-from detkd.config import Config
+from detkd.config import Config, loss_key
 from detkd.data import build_dataset
 from detkd.losses.base import DistillLoss
 from detkd.losses.cwd import CWDLoss
@@ -122,7 +122,7 @@ def build_viz_models(cfg: Config, num_classes: int, student_weights: str | Path 
     for i, lc in enumerate(cfg.distill.losses if cfg.distill is not None else []):
         sl = build_loss(lc, s_adapter, t_adapter, num_classes=num_classes,
                         max_steps=cfg.train.max_steps or _NO_SCHEDULE, allow_resize=cfg.distill.allow_resize,
-                        key=f"distill.losses[{i}] ({lc.method})")
+                        key=loss_key(i, lc))
         counts[lc.method] = counts.get(lc.method, 0) + 1
         key = lc.method if counts[lc.method] == 1 else f"{lc.method}{counts[lc.method]}"  # as the Distiller logs
         losses.append((key, sl.module.eval()))
