@@ -361,7 +361,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "loss-term scales (they replace --scale's for those terms); 'fgd@fgd.alpha_fgd=0' or "
                         "'ld@ld.normalize=positives' for one with a loss parameter set (a number, true/false or a "
                         "word)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds: FIRST..FIRST+N-1")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="first seed (a confirmation study on fresh seeds: --first-seed 10 --seeds 10)")
     p.add_argument("--only-seeds", default=None, help="train only these seeds (e.g. '1' or '0,2'); report skipped")
     p.add_argument("--teacher-only", action="store_true", help="train (or find) the teachers and stop")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs of every run (default: the recipes')")
@@ -395,7 +397,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.scales = {k: float(v) for k, v in (item.split("=", 1) for item in args.scale)}
     except ValueError:
         p.error(f"--scale takes METHOD=FACTOR, got {args.scale}")
-    args.seed_list = (list(range(args.seeds)) if args.only_seeds is None
+    if args.seeds < 1 or args.first_seed < 0:
+        p.error(f"--seeds must be >= 1 and --first-seed >= 0, got {args.seeds} and {args.first_seed}")
+    args.seed_list = (list(range(args.first_seed, args.first_seed + args.seeds)) if args.only_seeds is None
                       else [int(s) for s in args.only_seeds.split(",") if s])
     overrides = list(REDUCED[args.dataset]) if args.cpu_reduced else []
     if args.epochs is not None:  # replaces the reduced schedule's epochs (the report lists each override once)

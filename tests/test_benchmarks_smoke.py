@@ -177,6 +177,18 @@ def test_epochs_replace_the_reduced_schedules_epochs():
     assert [o for o in reduced if o.startswith("train.epochs=")] == ["train.epochs=20"]
 
 
+def test_seed_range_starts_at_first_seed_and_rejects_empty_ranges(capsys):
+    """A confirmation study on fresh seeds: --first-seed 10 --seeds 3 trains and reports seeds 10, 11, 12."""
+    acc = _load("accuracy")
+    assert acc.parse_args(["--seeds", "3"]).seed_list == [0, 1, 2]
+    assert acc.parse_args(["--first-seed", "10", "--seeds", "3"]).seed_list == [10, 11, 12]
+    assert acc.parse_args(["--first-seed", "10", "--only-seeds", "11,13"]).seed_list == [11, 13]
+    for bad in (["--seeds", "0"], ["--first-seed", "-1"]):
+        with pytest.raises(SystemExit):
+            acc.parse_args(bad)
+        assert "--first-seed" in capsys.readouterr().err
+
+
 def test_scale_losses_touches_only_the_named_method():
     acc = _load("accuracy")
     from detkd.config import load_config
