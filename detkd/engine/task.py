@@ -10,17 +10,20 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from detkd.models.precision import keep_geometry_fp32
+
 
 class TaskModel(nn.Module):
     """Wraps a torchvision detector: ``loss`` = sum of the detector's loss dict, each term logged as ``task/<name>``.
 
     The detector must be in training mode when called (torchvision detectors return detections, not losses, in
-    eval mode); :func:`fit` puts the trainable in training mode.
+    eval mode); :func:`fit` puts the trainable in training mode. Under autocast its anchors and head outputs stay
+    fp32 (:func:`detkd.models.precision.keep_geometry_fp32`), as the distilled students' do.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.student = model
+        self.student = keep_geometry_fp32(model)
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         losses = self.student(images, targets)

@@ -330,6 +330,7 @@ def build_adapter(model: nn.Module) -> DetectorAdapter:
     from detkd.models.adapters.gfl import GFLAdapter
     from detkd.models.adapters.retinanet import RetinaNetAdapter
     from detkd.models.gfl import GFL
+    from detkd.models.precision import keep_geometry_fp32
 
     table: list[tuple[type, type[DetectorAdapter]]] = [
         (RetinaNet, RetinaNetAdapter),
@@ -339,6 +340,6 @@ def build_adapter(model: nn.Module) -> DetectorAdapter:
     ]
     for cls, adapter_cls in table:
         if isinstance(model, cls):
-            return adapter_cls(model)
+            return adapter_cls(keep_geometry_fp32(model))  # fp32 anchors and head outputs under autocast
     known = ", ".join(c.__name__ for c, _ in table)
     raise TypeError(f"no detector adapter for {type(model).__name__}; supported: {known}")
