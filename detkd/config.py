@@ -103,7 +103,7 @@ class TrainConfig:
     eval_every: int = 0  # epochs; 0: only at the end
     max_nonfinite: int = 5  # abort after this many non-finite steps in a row
     checkpoint_every: int = 0  # steps; 0: resume state saved at the end (and on SIGINT/SIGTERM) only
-    find_unused_parameters: bool = False  # DDP: needed when parameters skip steps (e.g. LGD's frozen-backbone warm-up)
+    find_unused_parameters: bool = False  # DDP: force it on (fit turns it on for LGD warm-up, windowed losses)
     progress: bool = True
 
 

@@ -104,6 +104,15 @@ class Distiller(nn.Module):
         for p in self._body_trainable:
             p.requires_grad_(not frozen)
 
+    def leaves_parameters_unused(self) -> bool:
+        """True when some steps leave trainable parameters without a gradient, so that DDP must look for unused
+        parameters (:func:`detkd.engine.loop.fit` asks): LGD's frozen-backbone warm-up, or a loss with parameters
+        (connector, GcBlocks, adapters) that is active only in a step window."""
+        frozen = any(getattr(sl.module, "backbone_frozen", lambda s: False)(0) for sl in self.losses)
+        windowed = any((sl.start_step > 0 or sl.stop_step is not None) and any(p.requires_grad for p in sl.parameters())
+                       for sl in self.losses)
+        return frozen or windowed
+
     def end_run(self) -> None:
         """Give the student back as it came (the training loop calls this when a run ends, also on an error): a
         warm-up that lasted to the end of a short run must not leave its backbone frozen for the next user."""

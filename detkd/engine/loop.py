@@ -153,6 +153,9 @@ def _setup(trainable, loader, cfg, run_dir, resume, seed, config, find_unused) -
         raise ValueError("fit: the training loader is empty")
     device = D.resolve_device(cfg.device)
     trainable.to(device).train()
+    # Parameters that skip steps (LGD's frozen-backbone warm-up, a loss active only in a step window) make DDP fail
+    # at the next step unless it looks for unused parameters: the trainable says whether it has any.
+    find_unused = find_unused or bool(getattr(trainable, "leaves_parameters_unused", lambda: False)())
     model = D.wrap_ddp(trainable, device, find_unused_parameters=find_unused)
     groups = trainable.param_groups() if hasattr(trainable, "param_groups") else default_param_groups(trainable)
     optimizer = build_optimizer(groups, cfg)

@@ -168,6 +168,22 @@ def test_schedule_start_stop_steps():
     assert not any(k.startswith("distill/") for k in d(*_batch()))
 
 
+def test_ddp_is_told_when_steps_leave_parameters_unused():
+    """fit turns on DDP's find_unused_parameters when the Distiller says so: LGD's frozen-backbone warm-up, or a loss
+    with its own parameters (a connector, hint's adaptation layer) active only in a step window."""
+    assert not _distiller("retinanet", [LossConfig("cwd")]).leaves_parameters_unused()
+    assert not _distiller("retinanet", [LossConfig("cwd", start_step=5)], t_fpn=16).leaves_parameters_unused()
+    assert _distiller("retinanet", [LossConfig("cwd", start_step=5)], t_fpn=32).leaves_parameters_unused()  # connector
+    assert not _distiller("retinanet", [LossConfig("hint", levels=["p3"])]).leaves_parameters_unused()
+    assert _distiller("retinanet", [LossConfig("hint", levels=["p3"], stop_step=5)]).leaves_parameters_unused()
+
+    def lgd(freeze):
+        params = {"pre_nondistill_steps": 1, "freeze_backbone_steps": freeze}
+        return _distiller("retinanet", [LossConfig("lgd", params=params)], teacher=False)
+
+    assert lgd(1).leaves_parameters_unused() and not lgd(0).leaves_parameters_unused()
+
+
 def test_wiring_check_fires_on_a_zero_term():
     # hint from a level to itself with a student identical to the teacher is not zero (adaptation layer), but CWD
     # between identical maps is exactly zero: the classic silent failure of distilling a model into itself

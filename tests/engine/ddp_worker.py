@@ -39,10 +39,21 @@ class Recording(TinyTrainable):
         return out
 
 
-def main(out_dir: Path) -> None:
+class FreezingConnector(Recording):
+    """Like LGD's warm-up: the connector is frozen for the first step (no gradient), then trains."""
+
+    def set_step(self, step):
+        super().set_step(step)
+        self.connector.requires_grad_(step >= 1)
+
+    def leaves_parameters_unused(self) -> bool:
+        return True
+
+
+def main(out_dir: Path, mode: str = "plain") -> None:
     info = init_distributed("cpu")
     torch.manual_seed(100 + info.rank)  # different initial weights: DDP must broadcast rank 0's
-    trainable = Recording()
+    trainable = {"plain": Recording, "freeze": FreezingConnector}[mode]()
     data = ToyDetection(8)
     sampler = torch.utils.data.DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, seed=0)
     loader = make_loader(data, batch_size=2, sampler=sampler)
@@ -57,17 +68,17 @@ def main(out_dir: Path) -> None:
     cleanup()
 
 
-def run_rank(rank: int, world_size: int, port: int, out_dir: Path) -> None:
+def run_rank(rank: int, world_size: int, port: int, out_dir: Path, mode: str = "plain") -> None:
     """Entry point of a forked rank: torchrun's variables, one thread, errors written to OUT_DIR/error{rank}.txt."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)})
     torch.set_num_threads(1)
     try:
-        main(out_dir)
+        main(out_dir, mode)
     except BaseException:
         (out_dir / f"error{rank}.txt").write_text(traceback.format_exc())
         raise
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:3])

@@ -29,14 +29,14 @@ def test_single_process_fallbacks(monkeypatch):
     assert wrap_ddp(net, torch.device("cpu")) is net
 
 
-def test_two_cpu_ranks_train_in_step_and_only_rank_0_writes(tmp_path):
+def _two_ranks(tmp_path, mode: str = "plain") -> tuple[dict, dict]:
     # Forked, not spawned: fresh interpreters would spend most of the test importing torch again. DDP's constructor
     # imports torch._dynamo (seconds): import it once here so that both ranks inherit it.
     import torch._dynamo  # noqa: F401
 
     ctx = multiprocessing.get_context("fork")
     port = _free_port()
-    procs = [ctx.Process(target=run_rank, args=(rank, 2, port, tmp_path)) for rank in range(2)]
+    procs = [ctx.Process(target=run_rank, args=(rank, 2, port, tmp_path, mode)) for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -47,6 +47,11 @@ def test_two_cpu_ranks_train_in_step_and_only_rank_0_writes(tmp_path):
         error = tmp_path / f"error{rank}.txt"
         assert p.exitcode == 0, error.read_text() if error.exists() else f"rank {rank} exit code {p.exitcode}"
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    return r0, r1
+
+
+def test_two_cpu_ranks_train_in_step_and_only_rank_0_writes(tmp_path):
+    r0, r1 = _two_ranks(tmp_path)
 
     # 8 images, 2 ranks, batch 2: 2 steps per epoch on each rank, 2 epochs
     assert r0["steps"] == r1["steps"] == 4 and r0["epochs"] == r1["epochs"] == 2
@@ -74,3 +79,12 @@ def test_two_cpu_ranks_train_in_step_and_only_rank_0_writes(tmp_path):
         assert rec["loss"] == pytest.approx((r0["losses"][s] + r1["losses"][s]) / 2, rel=1e-6)
     state = torch.load(run0 / "state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # each rank's RNG states, for an exact resume
+
+
+def test_parameters_frozen_for_some_steps_train_under_ddp_when_the_trainable_says_so(tmp_path):
+    """LGD's warm-up freezes the backbone for its first steps: DDP then needs find_unused_parameters, which fit
+    turns on when the trainable's leaves_parameters_unused() says so (without it, the second step fails with
+    "Expected to have finished reduction in the prior iteration")."""
+    r0, r1 = _two_ranks(tmp_path, "freeze")
+    assert r0["steps"] == r1["steps"] == 4
+    assert torch.equal(torch.load(tmp_path / "params0.pt"), torch.load(tmp_path / "params1.pt"))
