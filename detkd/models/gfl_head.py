@@ -145,15 +145,17 @@ class GFLHead(nn.Module):
 
         soft_targets = torch.zeros_like(cls_logits)
         soft_targets[img_idx, loc_idx, gt_labels - 1] = aligned_box_iou(pred_boxes.detach(), gt_boxes)
-        num_pos = _reduce_mean(cls_logits.new_tensor(float(img_idx.numel()))).clamp(min=1.0)
+        weight = cls_logits.detach().sigmoid().max(dim=-1).values[img_idx, loc_idx]  # (P,); empty without positives
+        # Both normalisers in one reduction that every rank makes, one without positives too (its weight sum is 0):
+        # under DDP each rank must issue the same collectives, or the next ones pair up wrongly.
+        num_pos, norm = _reduce_mean(torch.stack([cls_logits.new_tensor(float(img_idx.numel())), weight.sum()]))
+        num_pos, norm = num_pos.clamp(min=1.0), norm.clamp(min=1.0)
         loss_cls = quality_focal_loss(cls_logits, soft_targets).sum() / num_pos
 
         w_qfl, w_giou, w_dfl = self.loss_weights
         if img_idx.numel() == 0:
             zero = dist_logits.sum() * 0  # keeps the graph, so DDP sees every parameter used
             return {"classification": w_qfl * loss_cls, "bbox_regression": zero, "bbox_dfl": zero}
-        weight = cls_logits.detach().sigmoid().max(dim=-1).values[img_idx, loc_idx]  # (P,)
-        norm = _reduce_mean(weight.sum()).clamp(min=1.0)
         giou = generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none")
         target_corners = bbox2distance(points, gt_boxes, self.reg_max)  # (P, 4)
         dfl = distribution_focal_loss(pos_dist.reshape(-1, self.reg_max + 1), target_corners.reshape(-1))

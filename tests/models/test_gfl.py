@@ -191,6 +191,22 @@ def test_no_positives_gives_zero_box_losses_with_graph():
     assert losses["classification"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_every_rank_makes_the_same_reductions_with_or_without_positives(monkeypatch):
+    """Under DDP a rank whose batch has no positive makes the same all-reduces as the others (one per call), and the
+    normalisers it reduces are the official ones: the positive count and the sum of the box weights (0 here)."""
+    import detkd.models.gfl_head as gfl_head
+
+    calls = []
+    monkeypatch.setattr(gfl_head, "_reduce_mean", lambda x: calls.append(x.clone()) or x)
+    head, targets, outputs, anchors, matched = _loss_case(0.0)
+    head.compute_loss(targets, outputs, anchors, matched)
+    head.compute_loss(targets, outputs, anchors, [torch.full((6,), -1)] * 2)
+    assert len(calls) == 2 and calls[0].shape == calls[1].shape == (2,)
+    n_pos = sum(int((m >= 0).sum()) for m in matched)
+    assert calls[0][0].item() == n_pos and calls[0][1].item() > 0
+    assert calls[1].tolist() == [0.0, 0.0]
+
+
 # ------------------------------------------------------------------------------------ the tiny detector
 
 
