@@ -80,7 +80,7 @@ def train_from_config(cfg: Config, *, resume: bool | str = False) -> RunResult:
 
 
 def _num_classes(cfg: Config) -> int:
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
     if dist.is_main:
         build_dataset(cfg.data, cfg.data.train_split, train=False)  # rank 0 generates/caches synthetic data first
     barrier()
@@ -90,7 +90,7 @@ def _num_classes(cfg: Config) -> int:
 def train_models(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module | None, *,
                  resume: bool | str = False) -> RunResult:
     """Train already-built models with ``cfg``'s data, distillation and schedule; evaluate the student."""
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
     torch.manual_seed(cfg.seed)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     spec = getattr(student, "detkd_spec", None)

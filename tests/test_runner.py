@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from detkd import runner
@@ -31,3 +32,22 @@ def test_the_seed_fixes_the_students_initial_weights_whatever_the_rng_state_befo
     assert all(torch.equal(same[k], other[k]) for k in same)  # same seed: the same student, bit for bit
     reseeded = initial[2]
     assert any(v.is_floating_point() and not torch.equal(v, reseeded[k]) for k, v in same.items())
+
+
+def test_the_process_group_follows_train_device(tmp_path, monkeypatch):
+    """init_distributed gets train.device: with train.device=cpu under torchrun on a GPU machine the group must be
+    gloo (an NCCL group cannot reduce the CPU model's gradients)."""
+    seen = []
+
+    def spy(device="auto"):
+        seen.append(device)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(runner, "init_distributed", spy)
+    data = DataConfig(format="synthetic", root=str(tmp_path / "synth"))
+    cfg = Config(name="s", output_dir=str(tmp_path), data=data)
+    cfg.train.device = "cpu"
+    for call in (lambda: runner.train_from_config(cfg), lambda: runner.train_models(cfg, None, None)):
+        with pytest.raises(RuntimeError, match="stop here"):
+            call()
+    assert seen == ["cpu", "cpu"]

@@ -2,9 +2,11 @@
 
 Reproducibility: shuffling draws from a ``torch.Generator`` seeded from ``seed``; the DataLoader also derives each
 worker's torch seed from that generator, and :func:`seed_worker` propagates it to ``random`` and ``numpy``. Call
-``loader.set_epoch(epoch)`` at the start of every epoch: under DDP it reseeds the ``DistributedSampler`` (all ranks
-shuffle alike, each takes its own shard); otherwise it reseeds the generator with ``seed + epoch``, so an epoch's
-order and augmentations do not depend on how many epochs ran before (exact resume).
+``loader.set_epoch(epoch)`` at the start of every epoch: it reseeds the generator with ``seed + epoch``, so an
+epoch's order and augmentations do not depend on how many epochs ran before (exact resume), and under DDP also the
+``DistributedSampler`` (all ranks shuffle alike, each takes its own shard). Under DDP the generator only seeds the
+workers, and it is offset by the rank (``seed + RANK_STRIDE * rank + epoch``): with the same generator every rank's
+workers would draw the same augmentations.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 
 def collate(batch: list[tuple[Tensor, dict[str, Any]]]) -> tuple[list[Tensor], list[dict[str, Any]]]:
@@ -32,8 +34,12 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+#: rank r's worker-seeding generator starts at seed + RANK_STRIDE * r (epochs add 1 each: no overlap in practice)
+RANK_STRIDE = 1 << 20
+
+
 class DetectionLoader(DataLoader):
-    """A DataLoader that remembers its seed, for :meth:`set_epoch`."""
+    """A DataLoader that remembers its generator's seed, for :meth:`set_epoch`."""
 
     def __init__(self, *args: Any, seed: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -64,8 +70,10 @@ def build_loader(
     code should de-duplicate by ``image_id``). ``batch_size`` is per process.
     """
     generator = torch.Generator().manual_seed(seed)
+    sampler: Sampler
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=drop_last and train)
+        generator.manual_seed(seed + RANK_STRIDE * sampler.rank)  # it seeds only the workers: one stream per rank
     elif train:
         sampler = RandomSampler(dataset, generator=generator)
     else:
@@ -81,5 +89,5 @@ def build_loader(
         drop_last=drop_last and train,
         pin_memory=pin_memory,
         persistent_workers=False,
-        seed=seed,
+        seed=generator.initial_seed(),
     )

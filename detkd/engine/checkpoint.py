@@ -94,7 +94,9 @@ def capture_rng(loader: Any = None) -> dict[str, Any]:
         "loader": [g.get_state() for g in _loader_generators(loader)],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's GPU only (fit makes the training device current): a state per visible GPU could not be
+        # restored on a machine, or under a CUDA_VISIBLE_DEVICES, with fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -109,7 +111,12 @@ def restore_rng(state: dict[str, Any], loader: Any = None) -> None:
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # an older state.pt: one state per visible GPU
+            current = torch.cuda.current_device()
+            cuda = cuda[current] if current < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
     generators = _loader_generators(loader)
     if len(generators) != len(state["loader"]):
         raise ValueError(

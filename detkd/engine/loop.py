@@ -152,6 +152,11 @@ def _setup(trainable, loader, cfg, run_dir, resume, seed, config, find_unused) -
     if len(loader) == 0:
         raise ValueError("fit: the training loader is empty")
     device = D.resolve_device(cfg.device)
+    if device.type == "cuda":
+        if D.get_world_size() > 1 and device.index != torch.cuda.current_device():
+            raise ValueError(f"train.device={cfg.device} under torchrun: each rank trains on its LOCAL_RANK GPU "
+                             f"(cuda:{torch.cuda.current_device()} here); use train.device=cuda or auto")
+        torch.cuda.set_device(device)  # the GPU whose RNG state checkpoints save and restore
     trainable.to(device).train()
     # Parameters that skip steps (LGD's frozen-backbone warm-up, a loss active only in a step window) make DDP fail
     # at the next step unless it looks for unused parameters: the trainable says whether it has any.

@@ -94,3 +94,20 @@ def test_distributed_sampler_and_set_epoch(gloo_group):
     # DistributedSampler's documented order: randperm with a generator seeded by seed + epoch
     assert ids == torch.randperm(10, generator=torch.Generator().manual_seed(2 + 3)).tolist()
     assert _ids(build_loader(_Toy(), 4, train=False, distributed=True)) == list(range(10))
+
+
+def test_ranks_workers_draw_their_own_augmentations(gloo_group, monkeypatch):
+    """Under DDP the generator only seeds the workers: offset by the rank, so that two ranks' workers do not draw the
+    same augmentations; the shuffling (the DistributedSampler's seed) stays common to all ranks."""
+    def run(rank):
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+        loader = build_loader(_Toy(), 2, train=True, seed=3, num_workers=2, distributed=True)
+        monkeypatch.undo()
+        loader.set_epoch(1)
+        return loader, [t["aug"] for _, targets in loader for t in targets]
+
+    (l0, a0), (l1, a1) = run(0), run(1)
+    assert l0.sampler.seed == l1.sampler.seed == 3 and (l0.sampler.rank, l1.sampler.rank) == (0, 1)
+    assert len(a0) == len(a1) == 5 and not set(a0) & set(a1)
+    assert run(1)[1] == a1  # still reproducible per rank

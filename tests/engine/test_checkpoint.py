@@ -64,6 +64,27 @@ def test_rng_round_trip_through_a_weights_only_file(tmp_path):
     assert np.array_equal(expected[2], again[2]) and torch.equal(expected[3], again[3])
 
 
+def test_cuda_rng_is_this_processs_gpu_only(monkeypatch):
+    """One CUDA state, the current GPU's: a state per visible GPU (8 under an 8-GPU torchrun) cannot be restored where
+    fewer are visible. An older state.pt holding the list still resumes: the current GPU's entry is used."""
+    cuda = torch.cuda
+    states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    restored = []
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(cuda, "get_rng_state", lambda device="cuda": states[1])
+    monkeypatch.setattr(cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    monkeypatch.setattr(cuda, "get_rng_state_all", lambda: pytest.fail("saved every GPU's state"))
+    monkeypatch.setattr(cuda, "set_rng_state_all", lambda states: pytest.fail("restored every GPU's state"))
+    state = capture_rng()
+    assert torch.equal(state["cuda"], states[1])
+    restore_rng(state)
+    restore_rng({**state, "cuda": [states[0], states[1], states[0]]})  # older format, current GPU 1
+    restore_rng({**state, "cuda": [states[0]]})  # older format from fewer GPUs: nothing to restore for GPU 1
+    assert [int(s) for s in restored] == [1, 1]
+
+
 def test_restore_rng_refuses_a_different_loader():
     state = capture_rng(torch.utils.data.DataLoader(range(4), shuffle=True, generator=torch.Generator()))
     with pytest.raises(ValueError, match="random generators"):

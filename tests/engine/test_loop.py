@@ -196,3 +196,31 @@ def test_sigint_finishes_the_step_saves_and_resumes(tmp_path):
     t2 = Linear()
     res2 = fit(t2, batches(*[[1.0, 0.0]] * 4), plain_cfg(), tmp_path, resume=True)
     assert not res2.stopped and res2.steps == 4 and t2.weight() == pytest.approx([0.6, 2.0])
+
+
+def test_a_fixed_gpu_under_torchrun_is_refused_and_a_single_process_gpu_is_made_current(monkeypatch, tmp_path):
+    """Under torchrun every rank trains on its LOCAL_RANK GPU (made current by init_distributed): train.device=cuda:1
+    would put every rank on GPU 1. In a single process the training GPU is made current, so that checkpoints save
+    and restore its RNG state. (CUDA mocked: the error comes before anything moves to the GPU.)"""
+    import detkd.engine.loop as loop
+
+    made_current = []
+    monkeypatch.setattr(loop.D, "resolve_device", lambda name: torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(loop.D, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="LOCAL_RANK GPU"):
+        fit(Linear(), batches([1.0, 3.0]), plain_cfg(device="cuda:1"), tmp_path / "a")
+    assert made_current == []
+    monkeypatch.setattr(loop.D, "get_world_size", lambda: 1)
+
+    class Stop(Exception):
+        pass
+
+    def stop(self, *a, **k):
+        raise Stop
+
+    monkeypatch.setattr(Linear, "to", stop)
+    with pytest.raises(Stop):
+        fit(Linear(), batches([1.0, 3.0]), plain_cfg(device="cuda:1"), tmp_path / "b")
+    assert made_current == [torch.device("cuda", 1)]
