@@ -189,6 +189,24 @@ def test_seed_range_starts_at_first_seed_and_rejects_empty_ranges(capsys):
         assert "--first-seed" in capsys.readouterr().err
 
 
+def test_a_gpu_run_and_a_cpu_run_of_one_config_are_cached_apart(monkeypatch):
+    """train.device=auto trains in bf16 on a GPU and in fp32 on a CPU: their runs must not share a cache entry. A CPU
+    run keeps the hash it had (the studies' cached runs stay valid); every spelling of the GPU hashes alike."""
+    import torch
+
+    acc = _load("accuracy")
+
+    def hash_on(device: str, gpu: bool) -> str:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        cfg = acc.student_config(None, "fcos", acc.parse_args(["--device", device]), None, 0)
+        return acc.config_hash(cfg)
+
+    cpu = hash_on("auto", gpu=False)
+    assert hash_on("cpu", gpu=False) == hash_on("cpu", gpu=True) == cpu
+    gpu = hash_on("auto", gpu=True)
+    assert gpu != cpu and hash_on("cuda", gpu=True) == hash_on("cuda:0", gpu=True) == gpu
+
+
 def test_scale_losses_touches_only_the_named_method():
     acc = _load("accuracy")
     from detkd.config import load_config
