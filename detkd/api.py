@@ -79,10 +79,11 @@ def distill(
     all of it; ``batch_size`` (4) goes with a path, a ``DataConfig`` holds its own. The run goes to
     ``output_dir / name``; a folder that already holds a run is an error unless ``overwrite``.
 
-    The student is trained in place and returned in eval mode. The teacher is frozen (eval mode, no gradients) for
-    the run; its training mode and ``requires_grad`` flags are restored afterwards. Returns the run's metrics; the
-    plain student weights are in ``run_dir / "last.pt"``, and ``run_dir / "config.yaml"`` records both models, so
-    that ``detkd eval run_dir/config.yaml --checkpoint run_dir/last.pt`` evaluates the student again.
+    The student is trained in place and returned in eval mode, on the training device. The teacher is frozen (eval
+    mode, no gradients) for the run; its device, training mode and ``requires_grad`` flags are restored afterwards.
+    Returns the run's metrics; the plain student weights are in ``run_dir / "last.pt"``, and ``run_dir /
+    "config.yaml"`` records both models, so that ``detkd eval run_dir/config.yaml --checkpoint run_dir/last.pt``
+    evaluates the student again.
     """
     _check_model(student, "student")
     if teacher is not None:
@@ -218,13 +219,16 @@ def _uses_teacher(method: str) -> bool:
 
 
 def _run(cfg: Config, student: nn.Module, teacher: nn.Module | None) -> RunResult:
-    """``train_models``; then the student in eval mode and the teacher as it came (mode, ``requires_grad``)."""
+    """``train_models``; then the student in eval mode and the teacher as it came (device, mode, ``requires_grad``)."""
     modes = [(m, m.training) for m in teacher.modules()] if teacher is not None else []
     flags = [(p, p.requires_grad) for p in teacher.parameters()] if teacher is not None else []
+    devices = {t.device for t in [*teacher.parameters(), *teacher.buffers()]} if teacher is not None else set()
     try:
         return train_models(cfg, student, teacher)
     finally:
         student.eval()
+        if len(devices) == 1:  # the run moved it to the training device (e.g. a GPU the caller needs back)
+            teacher.to(next(iter(devices)))
         for m, training in modes:
             m.training = training
         for p, flag in flags:

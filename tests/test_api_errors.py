@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 import detkd
 from detkd import api
@@ -125,8 +126,11 @@ def test_data_paths_methods_models_and_modes(tmp_path, runs):
     teacher, student = _build(fpn=32), _build()
     teacher.backbone.body.conv1.requires_grad_(False)  # the user's own choice, kept after the run
     teacher.backbone.body.bn1.eval()
+    moves = []  # a run moves the teacher to the training device; the API moves it back where it was (CPU here)
+    teacher.to = lambda *a, **k: moves.append(a) or torch.nn.Module.to(teacher, *a, **k)
     detkd.distill(teacher, student, data=tmp_path / "coco" / "annotations_train.json", methods="hint",
                   output_dir=str(tmp_path), name="d")
+    assert moves == [(torch.device("cpu"),)]
     (cfg,) = runs
     assert cfg.data.format == "coco" and cfg.data.ann_file == str(tmp_path / "coco" / "annotations_{split}.json")
     assert len(build_dataset(cfg.data, cfg.data.val_split, train=False)) == SYNTH.num_val
