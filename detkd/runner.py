@@ -99,8 +99,9 @@ def train_models(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module
                           f"{train_set.num_classes} classes; build it with num_classes={train_set.num_classes} "
                           "or fix the data")
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    device = dist.device if dist.world_size > 1 else resolve_device(cfg.train.device)
     loader = build_loader(train_set, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers,
-                          seed=cfg.seed, distributed=dist.world_size > 1)
+                          seed=cfg.seed, distributed=dist.world_size > 1, pin_memory=device.type == "cuda")
     if cfg.distill is not None:
         frozen = FrozenTeacher(teacher, bf16=cfg.distill.teacher_bf16) if teacher is not None else None
         max_steps = total_steps(cfg.train, len(loader))
@@ -112,7 +113,6 @@ def train_models(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module
         if teacher is not None:
             raise ConfigError("a teacher is configured but no distill section: add distill.losses or drop the teacher")
         trainable = TaskModel(student)
-    device = dist.device if dist.world_size > 1 else resolve_device(cfg.train.device)
 
     def _evaluate(model: torch.nn.Module) -> dict[str, float]:
         return evaluate(model, val_set, batch_size=cfg.eval.batch_size, device=device,

@@ -7,6 +7,7 @@ Only rank 0 writes files and shows progress; logged values are averaged over ran
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,10 @@ class DistInfo:
     local_rank: int
     device: torch.device
     is_main: bool
+
+
+#: minutes a rank may wait in a collective (rank 0's evaluation of a large validation set can take a while)
+COLLECTIVE_TIMEOUT_MIN = 60
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -70,7 +75,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    # Evaluation runs on rank 0 while the others wait in a collective: allow it longer than the 10-minute default.
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistInfo(rank, world, local_rank, dev, rank == 0)
 

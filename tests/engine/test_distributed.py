@@ -88,3 +88,21 @@ def test_parameters_frozen_for_some_steps_train_under_ddp_when_the_trainable_say
     r0, r1 = _two_ranks(tmp_path, "freeze")
     assert r0["steps"] == r1["steps"] == 4
     assert torch.equal(torch.load(tmp_path / "params0.pt"), torch.load(tmp_path / "params1.pt"))
+
+
+def test_the_group_waits_for_rank_0s_evaluation_longer_than_the_default(monkeypatch):
+    """Ranks wait in a collective while rank 0 evaluates: the group's timeout is an hour, not torch's 10 minutes.
+    train.device=cpu makes a gloo group even where a GPU is visible."""
+    import datetime
+
+    import detkd.engine.distributed as D
+
+    made = {}
+    monkeypatch.setattr(D.dist, "init_process_group", lambda **kw: made.update(kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = init_distributed("cpu")
+    assert made == {"backend": "gloo", "rank": 1, "world_size": 2, "timeout": datetime.timedelta(minutes=60)}
+    assert info.device == torch.device("cpu") and not info.is_main
