@@ -97,7 +97,7 @@ class TrainConfig:
     gamma: float = 0.1
     grad_clip: float | None = None
     accumulate: int = 1
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
+    amp: str = "auto"  # auto (bf16 on GPUs of compute capability 8+, fp16 below, off on CPU) | off | bf16 | fp16
     device: str = "auto"
     log_every: int = 10
     eval_every: int = 0  # epochs; 0: only at the end

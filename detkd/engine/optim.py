@@ -84,9 +84,13 @@ def build_scheduler(
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``train.amp``: "auto" = bf16 on CUDA, off elsewhere; "bf16"/"fp16" explicit; "off"."""
+    """Autocast dtype for ``train.amp``: "auto" = bf16 on a CUDA GPU that computes it natively (compute capability
+    8+: Ampere, Hopper, ...), fp16 with loss scaling on older ones (bf16 is emulated there, and slow), off elsewhere;
+    "bf16"/"fp16" explicit; "off"."""
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if amp == "off":
         return None
     if amp == "bf16":

@@ -66,9 +66,12 @@ def test_frozen_model_is_an_error_and_adamw_is_available():
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.05
 
 
-def test_amp_auto_is_bf16_on_cuda_only():
+def test_amp_auto_is_bf16_on_recent_gpus_fp16_on_older_ones_off_on_cpu(monkeypatch):
     assert amp_dtype("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100
     assert amp_dtype("auto", torch.device("cuda", 0)) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4: bf16 only emulated
+    assert amp_dtype("auto", torch.device("cuda", 0)) is torch.float16
     assert amp_dtype("fp16", torch.device("cpu")) is torch.float16
     assert amp_dtype("off", torch.device("cuda", 0)) is None
 
