@@ -83,13 +83,15 @@ def test_two_iterations_each_method(name, tmp_path):
     plain.load_state_dict(torch.load(tmp_path / name / "last.pt", weights_only=True), strict=True)
 
 
-@pytest.mark.parametrize("name", ["chen", "ld", "chen_dense_fcos", "fgd_faster_rcnn", "cwd"])
-def test_two_iterations_under_bf16_autocast(name, tmp_path):
-    """train.amp=bf16 (CUDA's default, here on CPU): Chen's fp32 teacher reads the student's proposals in roi_align
-    (a dtype mismatch when they came out bf16); every family's geometry stays fp32 (tests/models/test_precision.py)."""
+@pytest.mark.parametrize("name,amp", [("chen", "bf16"), ("ld", "bf16"), ("chen_dense_fcos", "bf16"),
+                                      ("fgd_faster_rcnn", "bf16"), ("cwd", "bf16"), ("chen", "fp16"), ("ld", "fp16")])
+def test_two_iterations_under_autocast(name, amp, tmp_path):
+    """train.amp=bf16 / fp16 (CUDA's defaults, here on CPU): Chen's fp32 teacher reads the student's proposals in
+    roi_align (a dtype mismatch when they came out bf16); every family's geometry stays fp32
+    (tests/models/test_precision.py)."""
     family, losses = CASES[name]
     d = _distiller(family, losses, t_fpn=16 if name in SAME_HEAD else 32)
-    cfg = TrainConfig(epochs=1, lr=1e-3, optimizer="adamw", warmup_steps=0, progress=False, log_every=1, amp="bf16",
+    cfg = TrainConfig(epochs=1, lr=1e-3, optimizer="adamw", warmup_steps=0, progress=False, log_every=1, amp=amp,
                       device="cpu")
     result = fit(d, _Loader([_batch(), _batch()]), cfg, tmp_path / name, seed=0)
     assert result.steps == 2 and result.skipped_steps == 0
