@@ -227,6 +227,11 @@ def _load_state(run: _Run, path: Path) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     run.p = Progress(**state["progress"])
+    before, now = state.get("precision"), _precision(run.dtype)
+    if before is not None and before != now:  # train.device may change on resume, and train.amp=auto follows it
+        warnings.warn(f"{path}: the run trained in {before} until step {run.p.step} and goes on in {now} "
+                      f"(train.device={run.cfg.device}, train.amp={run.cfg.amp}); set train.amp to keep {before}",
+                      stacklevel=2)
     rank = D.get_rank()
     run.resume_rng = state["rng"][rank % len(state["rng"])]
     run.resume_epoch_rng = state["epoch_rng"][rank % len(state["epoch_rng"])]
@@ -380,5 +385,10 @@ def _save(run: _Run, rng: dict) -> None:
         "progress": asdict(run.p),
         "rng": rngs,
         "epoch_rng": epoch_rngs,
+        "precision": _precision(run.dtype),
     }
     ck.atomic_save(state, run.run_dir / "state.pt")
+
+
+def _precision(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))

@@ -7,8 +7,10 @@ ends: a resume that missed any of these would change the losses.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -148,3 +150,20 @@ def test_tiny_fcos_resume_and_plain_torchvision_checkpoint(tmp_path_factory, tmp
     with torch.no_grad():
         a, b = fresh.eval()(image)[0], trained.eval()(image)[0]
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+
+
+def test_resuming_in_another_precision_says_so(tmp_path):
+    """train.device may change on resume and train.amp=auto follows the device: a run that trained in fp32 and goes
+    on in bf16 (a CPU run resumed on a GPU) is warned about, naming both."""
+    def run(amp, resume, stop=None):
+        torch.manual_seed(0)
+        loader = make_loader(ToyDetection(8), batch_size=2, seed=0)
+        return fit(TinyTrainable(), loader, dataclasses.replace(cfg(1), amp=amp), tmp_path, resume=resume,
+                   stop_at_step=stop)
+
+    run("off", None, stop=2)
+    with pytest.warns(UserWarning, match="trained in fp32 until step 2 and goes on in bf16"):
+        run("bf16", True, stop=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run("bf16", True)  # saved in bf16 at step 4: same precision, no warning
