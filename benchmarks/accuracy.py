@@ -129,7 +129,7 @@ def config_hash(cfg: Config) -> str:
     d.pop("output_dir")
     d["train"].pop("progress", None)
     d["train"].pop("log_every", None)
-    # The device decides the numerics (train.amp=auto: bf16 autocast on CUDA, fp32 on CPU), so a GPU run and a CPU
+    # The device decides the numerics (train.amp=auto: bf16/fp16 autocast on CUDA, fp32 on CPU), so a GPU run and a CPU
     # run of one config are two cache entries. CPU runs keep the hash of the device as the studies gave it ("auto").
     device = _effective_device(d["train"]["device"])
     d["train"]["device"] = "auto" if device == "cpu" else device

@@ -61,6 +61,7 @@ from steps import Setup, StageTeacher, losses_only, step_variants, teacher_forwa
 from detkd.build import build_distiller, build_model  # noqa: E402
 from detkd.config import DistillConfig, load_config  # noqa: E402
 from detkd.distill.distiller import Distiller  # noqa: E402
+from detkd.engine.optim import amp_dtype  # noqa: E402
 
 DEFAULT_METHODS = ("cwd", "fgd", "hint", "ld", "ld_fgd", "chen", "lgd")
 NUM_CLASSES = 3
@@ -173,8 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ``--resume`` keeps the parts found there (each method is interleaved within itself, so parts may come from
     different processes: every part records its own date and machine load)."""
     device = resolve_device(args.device)
-    amp = {"off": None, "bf16": torch.bfloat16}[args.amp] if args.amp != "auto" else (
-        torch.bfloat16 if device.type == "cuda" else None)
+    amp = amp_dtype(args.amp, device)  # train.amp's rule: auto = bf16 on GPUs of compute capability 8+, fp16 below
     partial = (Path(args.out_dir) if args.out_dir else RESULTS_DIR) / f"cost_{device.type}{args.tag}.partial.json"
     done = json.loads(partial.read_text()) if args.resume and partial.is_file() else {"methods": {}}
     methods: dict[str, dict] = done["methods"]
@@ -225,8 +225,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=320, help="input side in px")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--boxes", type=int, default=12, help="boxes per image")
-    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"], help="student autocast (auto: bf16 on "
-                   "CUDA, off on CPU, as train.amp)")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="student autocast, as train.amp (auto: bf16 on GPUs of compute capability 8+, fp16 on older "
+                   "ones, off on CPU)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--options-method", default="fgd", help="method of the teacher-options table ('' to skip)")

@@ -1,4 +1,4 @@
-"""Command line: ``detkd train|eval|demo|inspect|data stats|data synth``."""
+"""Command line: ``detkd train|eval|demo|inspect|viz|viz-curves|data stats|data synth``."""
 
 from __future__ import annotations
 

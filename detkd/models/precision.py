@@ -1,6 +1,6 @@
 """Mixed precision without low-precision box geometry.
 
-Under ``torch.autocast`` (``train.amp``: bf16 by default on CUDA) a detector's convolutions run in bf16 or fp16, and
+Under ``torch.autocast`` (``train.amp``: bf16 by default on recent GPUs, fp16 on older ones) a detector's convolutions run in bf16 or fp16, and
 torchvision lets the box geometry follow: ``AnchorGenerator`` builds its anchors in the feature maps' dtype (and keeps
 its cell anchors rounded to it), and the box coder decodes in the dtype of the head's outputs. bf16 has an 8-bit
 mantissa, so an anchor at x = 1000 px is rounded to a multiple of 8 px: anchors, IoU-based assignments, regression
