@@ -1,11 +1,12 @@
 """Mixed precision without low-precision box geometry.
 
-Under ``torch.autocast`` (``train.amp``: bf16 by default on recent GPUs, fp16 on older ones) a detector's convolutions run in bf16 or fp16, and
-torchvision lets the box geometry follow: ``AnchorGenerator`` builds its anchors in the feature maps' dtype (and keeps
-its cell anchors rounded to it), and the box coder decodes in the dtype of the head's outputs. bf16 has an 8-bit
-mantissa, so an anchor at x = 1000 px is rounded to a multiple of 8 px: anchors, IoU-based assignments, regression
-targets, decoded boxes, GIoU and LD's VLR regions would all move with the precision setting, and Faster R-CNN's
-bf16 proposals reach an fp32 teacher's ``roi_align`` as a dtype mismatch.
+Under ``torch.autocast`` (``train.amp``: bf16 by default on recent GPUs, fp16 on older ones) a detector's
+convolutions run in bf16 or fp16, and torchvision lets the box geometry follow: ``AnchorGenerator`` builds its
+anchors in the feature maps' dtype (and keeps its cell anchors rounded to it), and the box coder decodes in the dtype
+of the head's outputs. bf16 keeps 8 significant bits, so an anchor at x = 1000 px is rounded to a multiple of 4 px
+(of 8 px above 1024): anchors, IoU-based assignments, regression targets, decoded boxes, GIoU and LD's VLR regions
+would all move with the precision setting, and Faster R-CNN's bf16 proposals reach an fp32 teacher's ``roi_align`` as
+a dtype mismatch.
 
 :func:`keep_geometry_fp32` makes the anchors fp32 and casts the heads' raw outputs (RetinaNet/FCOS/GFL head, RPN head,
 RoI box predictor) to fp32, so that everything from the head outputs on (decoding, assignment, losses, distillation
