@@ -29,6 +29,8 @@ def _to_fp32(value: Any) -> Any:
         return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
     if isinstance(value, dict):
         return {k: _to_fp32(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple takes its fields as arguments
+        return type(value)(*(_to_fp32(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(_to_fp32(v) for v in value)
     return value

@@ -107,3 +107,19 @@ def test_the_hooks_are_registered_once_and_change_nothing_in_fp32():
         after = model(images)
     for a, b in zip(before, after):
         assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+
+
+def test_outputs_of_every_container_shape_come_back_fp32():
+    from typing import NamedTuple
+
+    from detkd.models.precision import _to_fp32
+
+    class Pair(NamedTuple):
+        logits: torch.Tensor
+        index: torch.Tensor
+
+    half = torch.ones(2, dtype=torch.bfloat16)
+    out = _to_fp32({"a": [half, (half,)], "b": Pair(half, torch.arange(2)), "c": 3})
+    assert out["a"][0].dtype == out["a"][1][0].dtype == out["b"].logits.dtype == torch.float32
+    assert isinstance(out["a"][1], tuple) and isinstance(out["b"], Pair) and out["b"].index.dtype == torch.int64
+    assert out["c"] == 3
