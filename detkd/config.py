@@ -225,7 +225,7 @@ def apply_override(cfg: Config, assignment: str) -> Config:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} is not of the form key=value")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
+    value = load_yaml(raw) if raw != "" else None
     data = to_dict(cfg)
     node: Any = data
     tp: Any = Config
@@ -276,7 +276,26 @@ def _dataclass_of(tp: Any) -> Any:
     return None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 booleans: only true/false are booleans. PyYAML follows YAML 1.1, where
+    ``on``/``off``/``yes``/``no`` are booleans too, so ``train.amp: off`` (or ``--set train.amp=off``) reached the
+    config as False, and a YOLO class named ``no`` as a boolean."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """One YAML document with :class:`YamlLoader` (YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=YamlLoader)
+
+
+class _UniqueKeyLoader(YamlLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last one, so a second
     ``train:`` block would silently drop the first)."""
 

@@ -138,6 +138,19 @@ def test_max_steps_replaces_epochs_only_when_set(tmp_path):
     assert total_steps(cfg.train, 10) == 30
 
 
+def test_off_and_yes_are_words_not_booleans(tmp_path):
+    """YAML 1.2 booleans: ``train.amp: off`` is the string it looks like (PyYAML's YAML 1.1 made it False, and the
+    config refused it as not a string); a bool field takes only true/false and names the key otherwise."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {amp: off}\ndistill: {losses: [{method: cwd}], check_first_step: false}\n")
+    cfg = load_config(p)
+    assert cfg.train.amp == "off" and cfg.distill.check_first_step is False
+    assert load_config(p, ["train.amp=off"]).train.amp == "off"
+    assert load_config(p, ["distill.check_first_step=true"]).distill.check_first_step is True
+    with pytest.raises(ConfigError, match="distill.check_first_step: expected true or false, got 'yes'"):
+        load_config(p, ["distill.check_first_step=yes"])
+
+
 def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
     """PyYAML (YAML 1.1) reads ``1e-3`` as a string; a float field takes it as the number everyone means."""
     p = tmp_path / "c.yaml"

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from detkd.config import load_yaml
 from detkd.data.common import (
     DatasetError,
     DetectionDataset,
@@ -49,7 +50,7 @@ def read_data_yaml(root: Path) -> dict[str, Any]:
         path = root / name
         if path.is_file():
             try:
-                data = yaml.safe_load(read_text(path)) or {}
+                data = load_yaml(read_text(path)) or {}
             except yaml.YAMLError as e:
                 raise DatasetError(f"{path}: not valid YAML: {e}") from e
             if not isinstance(data, dict) or "names" not in data:

@@ -155,6 +155,11 @@ def test_yolo_names_mapping_sorted_numerically(tmp_path, files):
     assert ds.class_names[ds.get_annotation(0)["labels"].item() - 1] == "c2"
 
 
+def test_yolo_names_that_yaml_1_1_would_read_as_booleans_stay_names(tmp_path, files):
+    ds = YoloDetection(_yolo(tmp_path, files, "names: [no, yes, off]\n"), "train")
+    assert ds.class_names == ["no", "yes", "off"]
+
+
 @pytest.mark.parametrize("names", ["{0: cat, 2: dog}", "{1: cat, 2: dog}", "{a: cat, b: dog}", "{0: cat, 1.5: dog}"])
 def test_yolo_names_mapping_keys_must_be_0_to_n_minus_1(tmp_path, files, names):
     with pytest.raises(DatasetError, match=r"data\.yaml: 'names' keys must be the class indices 0\.\.1"):
