@@ -113,15 +113,6 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def _effective_device(name: str) -> str:
-    """"cpu" or "cuda" (any GPU index): where a run with ``train.device=name`` trains on this machine."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if name.startswith("cuda") else name
-
-
 def config_hash(cfg: Config) -> str:
     """Hash of everything that changes a run's result (not its name or where it is written)."""
     d = to_dict(cfg)
@@ -131,7 +122,7 @@ def config_hash(cfg: Config) -> str:
     d["train"].pop("log_every", None)
     # The device decides the numerics (train.amp=auto: bf16/fp16 autocast on CUDA, fp32 on CPU), so a GPU run and a CPU
     # run of one config are two cache entries. CPU runs keep the hash of the device as the studies gave it ("auto").
-    device = _effective_device(d["train"]["device"])
+    device = _auto_device(d["train"]["device"]).split(":")[0]  # "cpu" or "cuda" (any GPU index)
     d["train"]["device"] = "auto" if device == "cpu" else device
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -452,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 
 def _auto_device(name: str) -> str:
+    """The device a run with ``train.device=name`` trains on here ("auto" resolved)."""
     import torch
 
     return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
