@@ -296,7 +296,7 @@ def load_yaml(text: str) -> Any:
 
 
 class _UniqueKeyLoader(YamlLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last one, so a second
+    """:class:`YamlLoader` that refuses a key given twice in one mapping (plain YAML keeps the last one, so a second
     ``train:`` block would silently drop the first)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
